@@ -1,0 +1,176 @@
+"""Means and variances: float32 at least, masks, exact cross-device combination.
+
+The one idea of this module is :func:`moments`. Everything that needs statistics of
+activations (every layer of the zoo) goes through it.
+
+Accuracy. The textbook one-pass variance ``E[x^2] - E[x]^2`` cancels catastrophically when
+``|mean| >> std``: for ``x = 1e4 + N(0, 1)`` in float32 both terms are ~1e8 and their
+difference (1) is below float32's resolution there (8), so flax.linen's default
+(``use_fast_variance=True``) returns a variance of 0 or 16 and a BatchNorm output std of
+~300. normzoo keeps the single pass but first subtracts a *pilot* value per feature,
+one sample of the data taken under ``stop_gradient`` (Chan, Golub & LeVeque, "Algorithms
+for computing the sample variance", 1983, the shifted-data algorithm):
+
+    d = x - s,   mean = s + E[d],   var = E[d^2] - E[d]^2.
+
+Both sums still fuse into one read of ``x``; with ``s`` within a few standard deviations
+of the mean the cancellation is gone. The shift is a constant for autodiff, and the
+formulas are exact for any constant, so values and gradients equal the true moments.
+
+Cross-device. Under ``jax.vmap(axis_name=...)``, ``shard_map`` or ``pmap`` each device
+computes its local ``(count, mean, M2)`` (M2 = sum of squared deviations), one
+``all_gather`` exchanges them, and every device combines them with the parallel formula
+of Chan et al.:
+
+    n = sum_d n_d,   mean = sum_d n_d mean_d / n,   M2 = sum_d [M2_d + n_d (mean_d - mean)^2].
+
+This is exact for uneven or masked shards, where averaging per-device means (flax #2417,
+PyTorch #22192) is not, costs one collective like a ``pmean``, and supports
+``axis_index_groups`` under ``shard_map`` too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from normzoo.functional.axes import Axes, canonicalize_axes, check_floating, check_mask
+
+Array = jax.Array
+
+
+def abs_square(x: Array) -> Array:
+    """``|x|^2`` elementwise, real for complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+    return lax.square(x)
+
+
+def statistics_dtype(x: Array, dtype: Any = None, force_float32_reductions: bool = True):
+    """Dtype of the statistics: ``dtype`` (default: x's), promoted to float32 at least."""
+    dtype = jnp.result_type(x) if dtype is None else jnp.dtype(dtype)
+    if force_float32_reductions:
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    return dtype
+
+
+def _pilot(x: Array, axes: Sequence[int]) -> Array:
+    """The first element of ``x`` along ``axes`` (kept as size-1 axes), without gradient."""
+    index = tuple(slice(0, 1) if ax in axes else slice(None) for ax in range(x.ndim))
+    return lax.stop_gradient(x[index])
+
+
+def _local_moments(
+    x: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    use_mean: bool,
+    use_fast_variance: bool,
+) -> tuple[Array, Array]:
+    """Mean and biased variance of ``x`` over ``axes`` on this device (``axes`` removed)."""
+    if not use_mean:
+        second = jnp.mean(abs_square(x), axes, where=mask)
+        return jnp.zeros_like(second), second
+    if use_fast_variance and mask is None:
+        pilot = _pilot(x, axes)
+        shifted = x - pilot
+        mean_shifted = jnp.mean(shifted, axes)
+        second_shifted = jnp.mean(abs_square(shifted), axes)
+        var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
+        return jnp.squeeze(pilot, axes) + mean_shifted, var
+    # Two passes: the exact formula. Also used with a mask, where the first element
+    # may lie outside the mask (padding can hold any value) and make a poor pilot.
+    mean = jnp.mean(x, axes, where=mask)
+    var = jnp.mean(abs_square(x - jnp.expand_dims(mean, axes)), axes, where=mask)
+    return mean, var
+
+
+def _count(x: Array, axes: tuple[int, ...], mask: Array | None, like: Array) -> Array:
+    """Number of elements reduced per statistic, broadcast like ``like`` (float)."""
+    if mask is None:
+        n = 1
+        for ax in axes:
+            n *= x.shape[ax]
+        return jnp.full(like.shape, n, jnp.real(like).dtype)
+    return jnp.sum(mask, axes).astype(jnp.real(like).dtype)
+
+
+def combine_across_devices(
+    count: Array,
+    mean: Array,
+    second: Array,
+    axis_name: Any,
+    axis_index_groups: Any = None,
+    centered: bool = True,
+) -> tuple[Array, Array, Array]:
+    """Exact count-weighted combination of per-device moments (one ``all_gather``).
+
+    Args:
+      count: (F...) elements behind each local statistic (0 allowed).
+      mean: (F...) local means (ignored when ``centered`` is False).
+      second: (F...) local variances (``centered``) or local ``E[|x|^2]``.
+      axis_name, axis_index_groups: as in ``jax.lax.psum``.
+
+    Returns:
+      ``(count, mean, second)`` over all devices of the group.
+    """
+    safe_mean = jnp.where(count > 0, mean, 0)
+    safe_second = jnp.where(count > 0, second, 0)
+    local = jnp.stack([count.astype(mean.dtype), safe_mean, safe_second * count])
+    gathered = lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
+    counts, means, sums = jnp.real(gathered[:, 0]), gathered[:, 1], gathered[:, 2]
+    total = jnp.sum(counts, axis=0)
+    if not centered:
+        return total, jnp.zeros_like(mean), jnp.real(jnp.sum(sums, axis=0)) / total
+    global_mean = jnp.sum(counts * means, axis=0) / total
+    m2 = jnp.sum(jnp.real(sums) + counts * abs_square(means - global_mean), axis=0)
+    return total, global_mean, m2 / total
+
+
+def moments(
+    x: Array,
+    axes: Axes,
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_mean: bool = True,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+) -> tuple[Array, Array]:
+    """Mean and (biased) variance of ``x`` over ``axes``.
+
+    Args:
+      x: input of any shape ``S``; real or complex floating.
+      axes: axes of ``x`` to reduce (int or sequence, negative allowed).
+      mask: optional bool array broadcastable to ``S``; only True elements count.
+      axis_name: optional named axis (vmap / shard_map / pmap) the statistics span too.
+      axis_index_groups: optional groups of indices within ``axis_name``.
+      use_mean: if False, the mean is taken as 0 and ``var = E[|x|^2]`` (RMS statistics).
+      use_fast_variance: one pass over ``x`` with a pilot shift (accurate, see module
+        docstring); False computes the mean first and then ``E[|x - mean|^2]``.
+      dtype: dtype of the statistics; promoted to float32 at least unless
+        ``force_float32_reductions`` is False.
+
+    Returns:
+      ``(mean, var)``, each of shape ``S`` with ``axes`` removed.
+
+    Raises:
+      TypeError: ``x`` is not floating. ValueError: bad ``axes`` or ``mask`` shape.
+    """
+    check_floating(x)
+    axes = canonicalize_axes(x.ndim, axes, name="axes")
+    mask = check_mask(mask, x.shape)
+    x = jnp.asarray(x).astype(statistics_dtype(x, dtype, force_float32_reductions))
+    mean, var = _local_moments(x, axes, mask, use_mean, use_fast_variance)
+    if axis_name is None:
+        return mean, var
+    count = _count(x, axes, mask, var)
+    _, mean, var = combine_across_devices(
+        count, mean, var, axis_name, axis_index_groups, centered=use_mean
+    )
+    return mean, var

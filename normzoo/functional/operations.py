@@ -1,0 +1,268 @@
+"""The normalizing operations, each written once: centering, scaling, standardization.
+
+Taxonomy of Huang et al. (TPAMI 2023, arXiv 2009.12836), section 3:
+
+===========  ==================================  ==================  ========================
+operation    y                                   statistics          examples
+===========  ==================================  ==================  ========================
+center       x - mu                              ``mean``            mean-only BN (Salimans &
+                                                                      Kingma 2016)
+scale        x / sqrt(E[x^2] + eps)              ``mean_square``     RMSNorm (Zhang & Sennrich
+                                                                      2019), FRN, PowerNorm
+standardize  (x - mu) / sqrt(var + eps)          ``mean``, ``var``   BN, LN, GN, IN
+===========  ==================================  ==================  ========================
+
+followed by the affine recovery ``gamma * y + beta`` (Ioffe & Szegedy 2015).
+
+:func:`statistics` computes the dict of statistics an operation needs over some axes
+(optionally per channel group); :func:`apply_statistics` normalizes ``x`` with such a dict
+(batch statistics or running averages alike) and applies the affine in the same
+expression. Every layer of the zoo is these two calls with different axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from normzoo.functional.axes import (
+    Axes,
+    broadcast_shape,
+    canonicalize_axes,
+    check_floating,
+    check_mask,
+    split_groups,
+)
+from normzoo.functional.moments import moments
+
+Array = jax.Array
+
+OPERATIONS = ("center", "scale", "standardize")
+
+#: Statistics each operation keeps (also the keys of its running statistics).
+STATISTICS = {"center": ("mean",), "scale": ("mean_square",), "standardize": ("mean", "var")}
+
+
+def check_operation(operation: str) -> None:
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation={operation!r} is unknown; expected one of {OPERATIONS}")
+
+
+def output_dtype(x: Array, scale: Array | None, bias: Array | None, dtype: Any = None):
+    """Result dtype as in flax.linen: ``dtype`` if given, else the promotion of x and params."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    result = jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+    return result if jnp.issubdtype(result, jnp.inexact) else jnp.dtype(jnp.float32)
+
+
+def _grouped_axes(
+    ndim: int, reduction_axes: Sequence[int], group_axis: int | None
+) -> tuple[tuple[int, ...], int]:
+    """Reduction axes of the group-split view (channel ``group_axis`` -> (G, C/G)).
+
+    The channel axis itself is replaced by its within-group part; axes after it move by one.
+    Returns the new axes and the rank of the split view.
+    """
+    if group_axis is None:
+        return tuple(reduction_axes), ndim
+    moved = [a if a < group_axis else a + 1 for a in reduction_axes if a != group_axis]
+    return tuple(sorted(moved + [group_axis + 1])), ndim + 1
+
+
+def statistics(
+    x: Array,
+    reduction_axes: Sequence[int],
+    operation: str = "standardize",
+    *,
+    num_groups: int | None = None,
+    group_axis: int = -1,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+) -> dict[str, Array]:
+    """Statistics of ``x`` that ``operation`` needs, over canonical ``reduction_axes``.
+
+    With ``num_groups`` the channel axis ``group_axis`` of size C is viewed as
+    ``(num_groups, C // num_groups)`` and the statistics also span each group's channels;
+    the returned arrays then have a ``num_groups`` axis where the channels were.
+
+    Returns:
+      ``{"mean": ...}``, ``{"mean_square": ...}`` or ``{"mean": ..., "var": ...}``, each of the
+      shape of ``x`` (group view) with the reduction axes removed, float32 at least.
+    """
+    check_operation(operation)
+    mask = check_mask(mask, x.shape)
+    group_axis_c = None if num_groups is None else group_axis % x.ndim
+    axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
+    if group_axis_c is not None:
+        x = split_groups(x, num_groups, group_axis_c)
+        mask = None if mask is None else split_groups(mask, num_groups, group_axis_c)
+    mean, var = moments(
+        x,
+        axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_mean=operation != "scale",
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
+    )
+    if operation == "center":
+        return {"mean": mean}
+    if operation == "scale":
+        return {"mean_square": var}
+    return {"mean": mean, "var": var}
+
+
+def apply_statistics(
+    x: Array,
+    stats: dict[str, Array],
+    reduction_axes: Sequence[int],
+    operation: str = "standardize",
+    *,
+    epsilon: float = 1e-5,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    feature_axes: Sequence[int] = (),
+    num_groups: int | None = None,
+    group_axis: int = -1,
+    dtype: Any = None,
+) -> Array:
+    """Normalizes ``x`` with ``stats`` (as returned by :func:`statistics`) and applies the affine.
+
+    ``y = (x - mean) * rsqrt(var + eps) * scale + bias`` for standardize (``mean`` dropped for
+    scale, the rsqrt dropped for center), computed as one fused elementwise expression.
+
+    Args:
+      x: (S...) input; ``reduction_axes`` canonical, as given to :func:`statistics`.
+      stats: statistics with the reduction axes removed (group view with ``num_groups``).
+      scale, bias: optional params of shape ``[x.shape[a] for a in feature_axes]``.
+      feature_axes: canonical axes the params run along.
+      dtype: output dtype (default: promotion of x, scale and bias, as flax.linen).
+
+    Returns:
+      (S...) array of dtype ``dtype``.
+    """
+    check_operation(operation)
+    out_dtype = output_dtype(x, scale, bias, dtype)
+    group_axis_c = None if num_groups is None else group_axis % x.ndim
+    axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
+    y = x if group_axis_c is None else split_groups(x, num_groups, group_axis_c)
+    if "mean" in stats:
+        y = y - jnp.expand_dims(stats["mean"], axes)
+    if operation != "center":
+        second = stats["var"] if operation == "standardize" else stats["mean_square"]
+        mul = lax.rsqrt(jnp.expand_dims(second, axes) + epsilon)
+        if group_axis_c is None and scale is not None:
+            # Fold the scale into the per-statistic multiplier (one multiply per element).
+            mul = mul * jnp.reshape(scale, broadcast_shape(x.shape, feature_axes))
+            scale = None
+        y = y * mul
+    y = jnp.reshape(y, x.shape)
+    y = affine(y, scale, bias, feature_axes=feature_axes)
+    return jnp.asarray(y, out_dtype)
+
+
+def affine(
+    y: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    feature_axes: Axes = -1,
+    dtype: Any = None,
+) -> Array:
+    """Affine recovery ``scale * y + bias`` with per-feature params (Ioffe & Szegedy 2015).
+
+    Args:
+      y: (S...) normalized input.
+      scale, bias: optional arrays of shape ``[S[a] for a in feature_axes]``.
+      feature_axes: axes of ``y`` the params run along.
+      dtype: optional output dtype (default: promotion of the inputs).
+    """
+    feature_axes = canonicalize_axes(y.ndim, feature_axes, name="feature_axes")
+    expected = tuple(y.shape[a] for a in feature_axes)
+    shape = broadcast_shape(y.shape, feature_axes)
+    for name, param in (("scale", scale), ("bias", bias)):
+        if param is not None and tuple(jnp.shape(param)) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(jnp.shape(param))}; expected {expected}, the sizes of "
+                f"feature_axes={feature_axes} of an input of shape {tuple(y.shape)}"
+            )
+    if scale is not None:
+        y = y * jnp.reshape(scale, shape)
+    if bias is not None:
+        y = y + jnp.reshape(bias, shape)
+    return y if dtype is None else jnp.asarray(y, dtype)
+
+
+def _stateless(
+    operation: str,
+    x: Array,
+    axes: Axes,
+    epsilon: float,
+    mask: Array | None,
+    axis_name: Any,
+    axis_index_groups: Any,
+    use_fast_variance: bool = True,
+) -> Array:
+    check_floating(x)
+    axes = canonicalize_axes(jnp.ndim(x), axes, name="axes")
+    stats = statistics(
+        x,
+        axes,
+        operation,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+    )
+    return apply_statistics(x, stats, axes, operation, epsilon=epsilon)
+
+
+def center(
+    x: Array,
+    axes: Axes = -1,
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Centering ``y = x - E[x]`` over ``axes`` (same shape as x)."""
+    return _stateless("center", x, axes, 0.0, mask, axis_name, axis_index_groups)
+
+
+def scale(
+    x: Array,
+    axes: Axes = -1,
+    *,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Scaling ``y = x / sqrt(E[x^2] + eps)`` over ``axes`` (RMSNorm without gain)."""
+    return _stateless("scale", x, axes, epsilon, mask, axis_name, axis_index_groups)
+
+
+def standardize(
+    x: Array,
+    axes: Axes = -1,
+    *,
+    epsilon: float = 1e-5,
+    use_fast_variance: bool = True,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+) -> Array:
+    """Standardization ``y = (x - E[x]) / sqrt(Var[x] + eps)`` over ``axes`` (biased variance)."""
+    return _stateless(
+        "standardize", x, axes, epsilon, mask, axis_name, axis_index_groups, use_fast_variance
+    )
