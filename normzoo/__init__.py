@@ -30,3 +30,21 @@ __all__ = [
     "Standardization",
     "functional",
 ]
+
+from normzoo.linen import (  # noqa: E402
+    CholeskyWhitening,
+    DecorrelatedBatchNorm,
+    IterNorm,
+    PCAWhitening,
+    Whitening,
+    ZCAWhitening,
+)
+
+__all__ += [
+    "CholeskyWhitening",
+    "DecorrelatedBatchNorm",
+    "IterNorm",
+    "PCAWhitening",
+    "Whitening",
+    "ZCAWhitening",
+]

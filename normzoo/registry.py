@@ -105,3 +105,43 @@ register(
     stateful=True,
     description="mean-square BatchNorm: x / sqrt(E_B[x^2] + eps), no centering",
 )
+
+# Whitening family (normzoo.linen.whitening).
+from normzoo.linen import (  # noqa: E402
+    CholeskyWhitening,
+    DecorrelatedBatchNorm,
+    IterNorm,
+    PCAWhitening,
+    ZCAWhitening,
+)
+
+register(
+    "zca",
+    ZCAWhitening,
+    stateful=True,
+    description="ZCA batch whitening of all features: D Lambda^-1/2 D^T (Bell & Sejnowski 1997)",
+)
+register(
+    "pca",
+    PCAWhitening,
+    stateful=True,
+    description="PCA batch whitening Lambda^-1/2 D^T (baseline; stochastic axis swapping)",
+)
+register(
+    "cholesky",
+    CholeskyWhitening,
+    stateful=True,
+    description="Cholesky batch whitening L^-1 (Siarohin et al. 2019)",
+)
+register(
+    "iternorm",
+    IterNorm,
+    stateful=True,
+    description="IterNorm: 5 Newton-Schulz steps, groups of 64 (Huang et al. CVPR 2019)",
+)
+register(
+    "dbn",
+    DecorrelatedBatchNorm,
+    stateful=True,
+    description="Decorrelated BatchNorm: ZCA in groups of 16 (Huang et al. CVPR 2018)",
+)

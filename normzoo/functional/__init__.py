@@ -50,3 +50,24 @@ __all__ = [
     "standardize",
     "statistics",
 ]
+
+# Whitening family (ZCA, PCA, Cholesky, Newton-Schulz / IterNorm) and per-group covariance.
+from normzoo.functional.covariance import (  # noqa: E402
+    combine_covariance_across_devices,
+    covariance,
+)
+from normzoo.functional.whitening import (  # noqa: E402
+    METHODS as WHITENING_METHODS,
+    init_whitening_stats,
+    whiten,
+    whitening_matrix,
+)
+
+__all__ += [
+    "WHITENING_METHODS",
+    "combine_covariance_across_devices",
+    "covariance",
+    "init_whitening_stats",
+    "whiten",
+    "whitening_matrix",
+]

@@ -36,7 +36,8 @@ from normzoo.functional.axes import (
     check_mask,
     split_groups,
 )
-from normzoo.functional.moments import moments
+from normzoo.functional.fused import normalize_affine
+from normzoo.functional.moments import moments, statistics_dtype
 
 Array = jax.Array
 
@@ -171,6 +172,90 @@ def apply_statistics(
     return jnp.asarray(y, out_dtype)
 
 
+def normalize_with_statistics(
+    x: Array,
+    reduction_axes: Sequence[int],
+    operation: str = "standardize",
+    *,
+    epsilon: float = 1e-5,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    feature_axes: Sequence[int] = (),
+    num_groups: int | None = None,
+    group_axis: int = -1,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    force_float32_reductions: bool = True,
+) -> tuple[Array, dict[str, Array]]:
+    """Normalizes ``x`` by its own statistics: :func:`statistics` then :func:`apply_statistics`.
+
+    Returns ``(y, stats)`` (stats as :func:`statistics` returns them). Without mask and
+    ``axis_name`` the work is one op with an analytic backward pass
+    (:func:`normzoo.functional.fused.normalize_affine`): same values, fewer passes.
+    """
+    check_operation(operation)
+    for name, param in (("scale", scale), ("bias", bias)):
+        check_param_shape(name, param, x.shape, feature_axes)
+    general = mask is not None or axis_name is not None or operation == "center"
+    if general or jnp.iscomplexobj(x):
+        stats = statistics(
+            x,
+            reduction_axes,
+            operation,
+            num_groups=num_groups,
+            group_axis=group_axis,
+            mask=mask,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            force_float32_reductions=force_float32_reductions,
+        )
+        y = apply_statistics(
+            x,
+            stats,
+            reduction_axes,
+            operation,
+            epsilon=epsilon,
+            scale=scale,
+            bias=bias,
+            feature_axes=feature_axes,
+            num_groups=num_groups,
+            group_axis=group_axis,
+            dtype=dtype,
+        )
+        return y, stats
+    out_dtype = output_dtype(x, scale, bias, dtype)
+    group_axis_c = None if num_groups is None else group_axis % x.ndim
+    axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
+    view = x if group_axis_c is None else split_groups(x, num_groups, group_axis_c)
+
+    def as_view(param: Array | None) -> Array | None:
+        if param is None:
+            return None
+        param = jnp.reshape(param, broadcast_shape(x.shape, feature_axes))
+        return param if group_axis_c is None else split_groups(param, num_groups, group_axis_c)
+
+    y, first, second = normalize_affine(
+        view,
+        as_view(scale),
+        as_view(bias),
+        axes,
+        operation == "standardize",
+        epsilon,
+        use_fast_variance,
+        statistics_dtype(x, dtype, force_float32_reductions),
+        out_dtype,
+    )
+    y = jnp.reshape(y, x.shape)
+    if operation == "scale":
+        return y, {"mean_square": second}
+    return y, {"mean": first, "var": second}
+
+
 def affine(
     y: Array,
     scale: Array | None = None,
@@ -188,19 +273,26 @@ def affine(
       dtype: optional output dtype (default: promotion of the inputs).
     """
     feature_axes = canonicalize_axes(y.ndim, feature_axes, name="feature_axes")
-    expected = tuple(y.shape[a] for a in feature_axes)
     shape = broadcast_shape(y.shape, feature_axes)
     for name, param in (("scale", scale), ("bias", bias)):
-        if param is not None and tuple(jnp.shape(param)) != expected:
-            raise ValueError(
-                f"{name} has shape {tuple(jnp.shape(param))}; expected {expected}, the sizes of "
-                f"feature_axes={feature_axes} of an input of shape {tuple(y.shape)}"
-            )
+        check_param_shape(name, param, y.shape, feature_axes)
     if scale is not None:
         y = y * jnp.reshape(scale, shape)
     if bias is not None:
         y = y + jnp.reshape(bias, shape)
     return y if dtype is None else jnp.asarray(y, dtype)
+
+
+def check_param_shape(
+    name: str, param: Array | None, shape: Sequence[int], feature_axes: Sequence[int]
+) -> None:
+    """Raises a ValueError naming ``name`` unless ``param`` is None or shaped like the features."""
+    expected = tuple(shape[a] for a in feature_axes)
+    if param is not None and tuple(jnp.shape(param)) != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(jnp.shape(param))}; expected {expected}, the sizes of "
+            f"feature_axes={tuple(feature_axes)} of an input of shape {tuple(shape)}"
+        )
 
 
 def _stateless(
@@ -215,16 +307,17 @@ def _stateless(
 ) -> Array:
     check_floating(x)
     axes = canonicalize_axes(jnp.ndim(x), axes, name="axes")
-    stats = statistics(
+    y, _ = normalize_with_statistics(
         x,
         axes,
         operation,
+        epsilon=epsilon,
         mask=mask,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         use_fast_variance=use_fast_variance,
     )
-    return apply_statistics(x, stats, axes, operation, epsilon=epsilon)
+    return y
 
 
 def center(

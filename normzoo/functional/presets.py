@@ -31,7 +31,12 @@ from normzoo.functional.axes import (
     complement_axes,
     resolve_num_groups,
 )
-from normzoo.functional.operations import STATISTICS, apply_statistics, check_operation, statistics
+from normzoo.functional.operations import (
+    STATISTICS,
+    apply_statistics,
+    check_operation,
+    normalize_with_statistics,
+)
 from normzoo.functional.running import ema
 
 Array = jax.Array
@@ -77,33 +82,35 @@ def _batch_area(
         check_momentum(momentum)
     reduction_axes = complement_axes(x.ndim, feature_axes)
     _check_stats(stats, operation, tuple(x.shape[a] for a in feature_axes))
-    if train:
-        used = statistics(
+    if not train:
+        y = apply_statistics(
             x,
+            stats,
             reduction_axes,
             operation,
-            mask=mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
+            epsilon=epsilon,
+            scale=scale,
+            bias=bias,
+            feature_axes=feature_axes,
             dtype=dtype,
-            force_float32_reductions=force_float32_reductions,
         )
-        new_stats = ema(stats, used, momentum)
-    else:
-        used, new_stats = stats, stats
-    y = apply_statistics(
+        return y, stats
+    y, batch_stats = normalize_with_statistics(
         x,
-        used,
         reduction_axes,
         operation,
         epsilon=epsilon,
         scale=scale,
         bias=bias,
         feature_axes=feature_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
         dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
     )
-    return y, new_stats
+    return y, ema(stats, batch_stats, momentum)
 
 
 def batch_norm(
@@ -179,10 +186,14 @@ def _per_sample(
     group_axis: int = -1,
 ) -> Array:
     """Stateless normalization: statistics over ``reduction_axes`` of this very input."""
-    stats = statistics(
+    y, _ = normalize_with_statistics(
         x,
         reduction_axes,
         operation,
+        epsilon=epsilon,
+        scale=scale,
+        bias=bias,
+        feature_axes=feature_axes,
         num_groups=num_groups,
         group_axis=group_axis,
         mask=mask,
@@ -192,19 +203,7 @@ def _per_sample(
         dtype=dtype,
         force_float32_reductions=force_float32_reductions,
     )
-    return apply_statistics(
-        x,
-        stats,
-        reduction_axes,
-        operation,
-        epsilon=epsilon,
-        scale=scale,
-        bias=bias,
-        feature_axes=feature_axes,
-        num_groups=num_groups,
-        group_axis=group_axis,
-        dtype=dtype,
-    )
+    return y
 
 
 def layer_norm(

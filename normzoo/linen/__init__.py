@@ -13,3 +13,21 @@ __all__ = [
     "Scaling",
     "Standardization",
 ]
+
+from normzoo.linen.whitening import (  # noqa: E402
+    CholeskyWhitening,
+    DecorrelatedBatchNorm,
+    IterNorm,
+    PCAWhitening,
+    Whitening,
+    ZCAWhitening,
+)
+
+__all__ += [
+    "CholeskyWhitening",
+    "DecorrelatedBatchNorm",
+    "IterNorm",
+    "PCAWhitening",
+    "Whitening",
+    "ZCAWhitening",
+]

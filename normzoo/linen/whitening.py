@@ -1,0 +1,214 @@
+"""Whitening layers: batch whitening in groups (DBN, IterNorm) as a flax.linen module.
+
+:class:`Whitening` declares ``params`` and ``batch_stats`` and calls
+:func:`normzoo.functional.whiten`; the named layers are presets over it:
+
+========================  ========  ==============  ======================  ====================
+layer                     method    group size      running average of      paper
+========================  ========  ==============  ======================  ====================
+``ZCAWhitening``          zca       all features    covariance              Bell & Sejnowski 1997
+``PCAWhitening``          pca       all features    covariance              DBN paper (baseline)
+``CholeskyWhitening``     cholesky  all features    covariance              Siarohin et al. 2019
+``IterNorm``              newton    64 (or C)       whitening matrix        Huang et al. CVPR 2019
+``DecorrelatedBatchNorm`` zca       16 (or C)       whitening matrix        Huang et al. CVPR 2018
+========================  ========  ==============  ======================  ====================
+
+``IterNorm`` and ``DecorrelatedBatchNorm`` use their papers' group sizes, or one group of all
+features when there are fewer; like their reference code they keep the EMA of the whitening
+matrix (see :mod:`normzoo.functional.whitening` for the two schools).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.module import merge_param
+from jax.nn import initializers
+
+from normzoo import functional as F
+from normzoo.functional.axes import Axes, canonicalize_axes, check_floating, feature_shape
+from normzoo.functional.covariance import HIGHEST, check_group_size
+from normzoo.functional.whitening import RECOVERIES, RUNNING_AVERAGES, check_method
+
+Array = jax.Array
+Initializer = Any
+
+
+def identity_init(key: Any, shape: Any, dtype: Any = jnp.float32) -> Array:
+    """Identity matrices of ``shape`` (..., g, g): the coloring matrices' initial value."""
+    del key
+    return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), tuple(shape))
+
+
+class Whitening(nn.Module):
+    """Batch whitening in groups: ``y = recovery(Phi (x - mu))``, ``Cov[Phi (x - mu)] = I``.
+
+    ``mu`` and the covariance ``Sigma`` span every axis but ``axis`` (the batch area), per group
+    of ``group_size`` features; ``Phi`` is ZCA ``D Lambda^-1/2 D^T``, PCA ``Lambda^-1/2 D^T``,
+    Cholesky ``L^-1`` or ``iterations`` Newton-Schulz steps (IterNorm) of ``Sigma + eps I``.
+
+    Attributes:
+      method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
+      group_size: features per group (must divide them); ``None`` = all features in one group.
+      iterations: Newton-Schulz steps (``method="newton"``).
+      use_running_average: use ``batch_stats`` instead of the batch statistics.
+      axis: the feature axis or axes.
+      momentum: EMA decay (Flax convention: ``new = momentum * old + (1 - momentum) * batch``).
+      epsilon: added to the covariance's diagonal.
+      use_bias, use_scale: the recovery's bias and scale (or coloring matrix).
+      dtype: output dtype (default: promotion of input and params).
+      param_dtype: dtype of the params.
+      axis_name, axis_index_groups: statistics also over this named axis (count-weighted, exact).
+      recovery: ``"affine"`` (per-feature ``scale``, ``bias``) or ``"coloring"`` (a full
+        ``coloring`` matrix per group, initialized to the identity, and ``bias``).
+      running_average_of: ``"covariance"`` (Phi recomputed from the running covariance at
+        inference) or ``"whitening_matrix"`` (EMA of Phi, as the DBN / IterNorm code).
+      bias_init, scale_init: initializers of ``bias`` and the affine ``scale``.
+      coloring_init: initializer of the coloring matrices (identity).
+      precision: of the matrix products (default ``HIGHEST``: float32 accuracy on TPU / GPU).
+
+    Variables: ``params``: ``scale`` (C...) or ``coloring`` (C/g, g, g), and ``bias`` (C...);
+    ``batch_stats``: ``mean`` (C...) and ``covariance`` or ``whitening_matrix`` (C/g, g, g), float32.
+    """
+
+    #: Presets clip ``group_size`` to the number of features (one group when there are fewer).
+    clip_group_size: ClassVar[bool] = False
+
+    method: str = "zca"
+    group_size: int | None = None
+    iterations: int = 5
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    use_scale: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    recovery: str = "affine"
+    running_average_of: str = "covariance"
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    coloring_init: Initializer = identity_init
+    precision: Any = HIGHEST
+
+    @nn.compact
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Whitens ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects the samples that count."""
+        use_running_average = merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        check_floating(x)
+        check_method(self.method)
+        for name, value, choices in (
+            ("recovery", self.recovery, RECOVERIES),
+            ("running_average_of", self.running_average_of, RUNNING_AVERAGES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is unknown; expected one of {choices}")
+        features = canonicalize_axes(x.ndim, self.axis, name="axis")
+        shape = feature_shape(x.shape, features)
+        channels = 1
+        for n in shape:
+            channels *= n
+        group_size = self.group_size
+        if self.clip_group_size and group_size is not None and group_size > channels:
+            group_size = None
+        num_groups = check_group_size(channels, group_size)
+        g = channels // num_groups
+
+        init = F.init_whitening_stats(shape, group_size, self.running_average_of)
+        running = {
+            key: self.variable("batch_stats", key, lambda k=key: init[k])
+            for key in ("mean", self.running_average_of)
+        }
+        scale = bias = None
+        if self.use_scale:
+            if self.recovery == "affine":
+                scale = self.param("scale", self.scale_init, shape, self.param_dtype)
+            else:
+                scale = self.param(
+                    "coloring", self.coloring_init, (num_groups, g, g), self.param_dtype
+                )
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
+
+        initializing = self.is_initializing()
+        y, new_stats = F.whiten(
+            x,
+            {key: var.value for key, var in running.items()},
+            scale,
+            bias,
+            method=self.method,
+            axis=features,
+            group_size=group_size,
+            iterations=self.iterations,
+            train=not use_running_average,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            running_average_of=self.running_average_of,
+            recovery=self.recovery,
+            mask=mask,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
+            precision=self.precision,
+        )
+        if not use_running_average and not initializing:
+            for key, var in running.items():
+                var.value = new_stats[key]
+        return y
+
+
+class ZCAWhitening(Whitening):
+    """ZCA whitening ``Phi = D Lambda^-1/2 D^T`` of all features (one group by default)."""
+
+    method: str = "zca"
+
+
+class PCAWhitening(Whitening):
+    """PCA whitening ``Phi = Lambda^-1/2 D^T``: a baseline; it suffers stochastic axis swapping."""
+
+    method: str = "pca"
+
+
+class CholeskyWhitening(Whitening):
+    """Cholesky whitening ``Phi = L^-1`` (``L L^T = Sigma + eps I``): cheapest exact method."""
+
+    method: str = "cholesky"
+
+
+class IterNorm(Whitening):
+    """Iterative normalization (Huang et al., CVPR 2019, arXiv 1904.03441).
+
+    Newton-Schulz whitening with 5 iterations in groups of 64 features (all features when
+    fewer); EMA of the whitening matrix, as the reference code.
+    """
+
+    clip_group_size: ClassVar[bool] = True
+
+    method: str = "newton"
+    group_size: int | None = 64
+    iterations: int = 5
+    running_average_of: str = "whitening_matrix"
+
+
+class DecorrelatedBatchNorm(Whitening):
+    """Decorrelated batch normalization (Huang et al., CVPR 2018, arXiv 1804.08450).
+
+    ZCA whitening in groups of 16 features (all features when fewer); EMA of the whitening
+    matrix, as the reference code.
+    """
+
+    clip_group_size: ClassVar[bool] = True
+
+    method: str = "zca"
+    group_size: int | None = 16
+    running_average_of: str = "whitening_matrix"
