@@ -35,9 +35,5 @@ def init_batch_stats(
 
 
 def ema(running: Any, batch: Any, momentum: float | jax.Array) -> Any:
-    """``momentum * running + (1 - momentum) * batch`` leaf by leaf; keeps ``running``'s dtypes."""
-    return jax.tree_util.tree_map(
-        lambda r, b: (momentum * r + (1 - momentum) * b).astype(jnp.result_type(r)),
-        running,
-        batch,
-    )
+    """``momentum * running + (1 - momentum) * batch`` leaf by leaf (dtypes promote as in flax)."""
+    return jax.tree_util.tree_map(lambda r, b: momentum * r + (1 - momentum) * b, running, batch)

@@ -296,8 +296,7 @@ def _check_stats(stats: Any, running_average_of: str, feature_shape, matrix_shap
             )
 
 
-def _recover(y, scale, bias, recovery, view, num_groups, precision):
-    """Affine (per feature) or coloring (full matrix per group) on the matrix view (m, C)."""
+def _check_params(scale, bias, recovery, view, num_groups) -> None:
     g = view.features // num_groups
     if scale is not None:
         expected = view.feature_shape if recovery == "affine" else (num_groups, g, g)
@@ -307,18 +306,24 @@ def _recover(y, scale, bias, recovery, view, num_groups, precision):
                 f"scale has shape {tuple(jnp.shape(scale))}; expected {tuple(expected)}, "
                 f"{what} for recovery={recovery!r}"
             )
+    if bias is not None and tuple(jnp.shape(bias)) != view.feature_shape:
+        raise ValueError(
+            f"bias has shape {tuple(jnp.shape(bias))}; expected {view.feature_shape}, "
+            "the feature sizes"
+        )
+
+
+def _recover(y, scale, bias, recovery, view, num_groups, precision):
+    """Affine (per feature) or coloring (full matrix per group) on the matrix view (m, C)."""
+    if scale is not None:
         if recovery == "affine":
             y = y * jnp.reshape(scale, (-1,))
         else:
+            g = view.features // num_groups
             yg = y.reshape(y.shape[:-1] + (num_groups, g))
             y = jnp.einsum("...gj,gij->...gi", yg, scale.astype(y.dtype), precision=precision)
             y = y.reshape(y.shape[:-2] + (view.features,))
     if bias is not None:
-        if tuple(jnp.shape(bias)) != view.feature_shape:
-            raise ValueError(
-                f"bias has shape {tuple(jnp.shape(bias))}; expected {view.feature_shape}, "
-                "the feature sizes"
-            )
         y = y + jnp.reshape(bias, (-1,))
     return y
 
@@ -401,6 +406,7 @@ def whiten(
     num_groups = check_group_size(view.features, group_size)
     g = view.features // num_groups
     _check_stats(stats, running_average_of, view.feature_shape, (num_groups, g, g))
+    _check_params(scale, bias, recovery, view, num_groups)
     mask = check_mask(mask, x.shape)
     out_dtype = output_dtype(x, scale, bias, dtype)
     xm = view.to_matrix(jnp.asarray(x).astype(statistics_dtype(x)))  # (m, C), float32+

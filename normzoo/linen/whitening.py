@@ -13,8 +13,9 @@ layer                     method    group size      running average of      pape
 ``DecorrelatedBatchNorm`` zca       16 (or C)       whitening matrix        Huang et al. CVPR 2018
 ========================  ========  ==============  ======================  ====================
 
-``IterNorm`` and ``DecorrelatedBatchNorm`` use their papers' group sizes, or one group of all
-features when there are fewer; like their reference code they keep the EMA of the whitening
+``IterNorm`` and ``DecorrelatedBatchNorm`` use their papers' group sizes, one group of all
+features when there are fewer, and the group size halved until it divides the features
+otherwise (as the IterNorm reference code); like their reference code they keep the EMA of the whitening
 matrix (see :mod:`normzoo.functional.whitening` for the two schools).
 """
 
@@ -41,6 +42,19 @@ def identity_init(key: Any, shape: Any, dtype: Any = jnp.float32) -> Array:
     """Identity matrices of ``shape`` (..., g, g): the coloring matrices' initial value."""
     del key
     return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), tuple(shape))
+
+
+def adapt_group_size(features: int, group_size: int | None) -> int | None:
+    """The presets' group size: one group when ``features <= group_size``, else ``group_size``
+    halved until it divides ``features`` (as the IterNorm reference code does: 96 features in
+    groups of 64 become 3 groups of 32)."""
+    if group_size is None or group_size >= features:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        return group_size  # let check_group_size raise its message
+    while features % group_size:
+        group_size //= 2
+    return group_size
 
 
 class Whitening(nn.Module):
@@ -74,8 +88,9 @@ class Whitening(nn.Module):
     ``batch_stats``: ``mean`` (C...) and ``covariance`` or ``whitening_matrix`` (C/g, g, g), float32.
     """
 
-    #: Presets clip ``group_size`` to the number of features (one group when there are fewer).
-    clip_group_size: ClassVar[bool] = False
+    #: Presets adapt ``group_size`` to the features (see :func:`adapt_group_size`); the generic
+    #: layer raises instead when ``group_size`` does not divide them.
+    adapt_group_size: ClassVar[bool] = False
 
     method: str = "zca"
     group_size: int | None = None
@@ -119,8 +134,8 @@ class Whitening(nn.Module):
         for n in shape:
             channels *= n
         group_size = self.group_size
-        if self.clip_group_size and group_size is not None and group_size > channels:
-            group_size = None
+        if self.adapt_group_size:
+            group_size = adapt_group_size(channels, group_size)
         num_groups = check_group_size(channels, group_size)
         g = channels // num_groups
 
@@ -189,10 +204,10 @@ class IterNorm(Whitening):
     """Iterative normalization (Huang et al., CVPR 2019, arXiv 1904.03441).
 
     Newton-Schulz whitening with 5 iterations in groups of 64 features (all features when
-    fewer); EMA of the whitening matrix, as the reference code.
+    fewer; halved until it divides them); EMA of the whitening matrix, as the reference code.
     """
 
-    clip_group_size: ClassVar[bool] = True
+    adapt_group_size: ClassVar[bool] = True
 
     method: str = "newton"
     group_size: int | None = 64
@@ -203,11 +218,12 @@ class IterNorm(Whitening):
 class DecorrelatedBatchNorm(Whitening):
     """Decorrelated batch normalization (Huang et al., CVPR 2018, arXiv 1804.08450).
 
-    ZCA whitening in groups of 16 features (all features when fewer); EMA of the whitening
+    ZCA whitening in groups of 16 features (all features when fewer; halved until it divides
+    them); EMA of the whitening
     matrix, as the reference code.
     """
 
-    clip_group_size: ClassVar[bool] = True
+    adapt_group_size: ClassVar[bool] = True
 
     method: str = "zca"
     group_size: int | None = 16
