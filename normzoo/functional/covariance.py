@@ -20,9 +20,9 @@ for every feature (a covariance needs the whole feature vector; padding position
 masked for all their features anyway).
 
 Cross-device. As :func:`normzoo.functional.moments` does for variances, each device computes
-its ``(count, mean, M2)`` with ``M2 = Xc^T Xc`` the matrix of centered cross products, one
-``all_gather`` exchanges them, and the parallel formula of Chan, Golub & LeVeque (1983),
-generalized to matrices, combines them exactly:
+its ``(count, mean, M2)`` with ``M2 = Xc^T Xc`` the matrix of centered cross products, and the
+parallel formula of Chan, Golub & LeVeque (1983), generalized to matrices, combines them
+exactly (two ``psum`` rounds: counts and means, then the ``M2`` terms):
 
     n = sum_d n_d,  mean = sum_d n_d mean_d / n,
     M2 = sum_d [M2_d + n_d (mean_d - mean)(mean_d - mean)^T],  Sigma = M2 / n.
@@ -77,7 +77,9 @@ class MatrixView:
     already in that order (the channels-last batch area ``(N, ..., C)`` is a free reshape).
     """
 
-    def __init__(self, shape: Sequence[int], reduction_axes: Sequence[int], feature_axes: Sequence[int]):
+    def __init__(
+        self, shape: Sequence[int], reduction_axes: Sequence[int], feature_axes: Sequence[int]
+    ):
         ndim = len(shape)
         overlap = set(reduction_axes) & set(feature_axes)
         if overlap:
@@ -86,7 +88,8 @@ class MatrixView:
                 f"overlap in {sorted(overlap)}; an axis is either reduced or a feature"
             )
         self.shape = tuple(shape)
-        self.kept_axes = tuple(a for a in range(ndim) if a not in reduction_axes and a not in feature_axes)
+        used = set(reduction_axes) | set(feature_axes)
+        self.kept_axes = tuple(a for a in range(ndim) if a not in used)
         self.reduction_axes = tuple(reduction_axes)
         self.feature_axes = tuple(feature_axes)
         self.perm = self.kept_axes + self.reduction_axes + self.feature_axes
@@ -154,7 +157,13 @@ def combine_covariance_across_devices(
     axis_name: Any,
     axis_index_groups: Any = None,
 ) -> tuple[Array, Array, Array]:
-    """Exact count-weighted combination of per-device ``(count, mean, M2)`` (one ``all_gather``).
+    """Exact count-weighted combination of per-device ``(count, mean, M2)``.
+
+    Two ``psum`` rounds, as :func:`normzoo.functional.combine_across_devices`: the counts and
+    count-weighted means give the global mean, then each device's ``M2`` plus its between-device
+    term ``n_d (mean_d - mean)(mean_d - mean)^T`` is summed. Nothing is formed around the
+    origin, so there is no cancellation when ``|mean| >> std``; the results are identical on
+    every device (replicated under ``shard_map``).
 
     Args:
       count: (K...) samples behind the local statistics (0 allowed).
@@ -166,22 +175,17 @@ def combine_covariance_across_devices(
       ``(count, mean, M2)`` over all devices of the group.
     """
     num_groups = m2.shape[-3]
-    safe_mean = jnp.where(count[..., None] > 0, mean, 0)
-    # One collective: pack the three arrays into one flat vector per device.
-    parts = (count[..., None], safe_mean, jnp.reshape(m2, m2.shape[:-3] + (-1,)))
-    local = jnp.concatenate(parts, axis=-1)
-    gathered = lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
-    c = mean.shape[-1]
-    counts = gathered[..., 0]
-    means = gathered[..., 1 : 1 + c]
-    m2s = jnp.reshape(gathered[..., 1 + c :], gathered.shape[:1] + m2.shape)
-    total = jnp.sum(counts, axis=0)
-    global_mean = jnp.sum(counts[..., None] * means, axis=0) / jnp.maximum(total, 1)[..., None]
-    delta = _grouped(means - global_mean, num_groups)  # (D, K..., G, g)
-    between = jnp.einsum(
-        "d...,d...gi,d...gj->...gij", counts, delta, delta, precision=HIGHEST
-    )
-    return total, global_mean, jnp.sum(m2s, axis=0) + between
+    has_data = (count > 0)[..., None]
+
+    def psum(v):
+        return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+    weighted = jnp.where(has_data, count[..., None] * mean, 0)
+    packed = psum(jnp.concatenate([count[..., None], weighted], axis=-1))
+    total, global_mean = packed[..., 0], packed[..., 1:] / jnp.maximum(packed[..., :1], 1)
+    delta = _grouped(jnp.where(has_data, mean - global_mean, 0), num_groups)  # (K..., G, g)
+    between = count[..., None, None, None] * (delta[..., :, None] * delta[..., None, :])
+    return total, global_mean, psum(m2 + between)
 
 
 def covariance(

@@ -4,14 +4,14 @@ Per group of ``g`` features, with ``Sigma`` the covariance over the batch area a
 ``Sigma_eps = Sigma + eps I = D Lambda D^T``, whitening is ``y = Phi (x - mu)`` with
 ``Phi^T Phi = Sigma_eps^-1`` (so ``Cov[y] = Phi Sigma Phi^T ~ I``):
 
-==========  ==================================  ================================================
-method      Phi                                 reference
-==========  ==================================  ================================================
-``zca``     D Lambda^-1/2 D^T (symmetric)       Bell & Sejnowski 1997; DBN, Huang et al. CVPR 2018
-``pca``     Lambda^-1/2 D^T (descending order)  DBN paper, section 3 (fails to train: axis swapping)
-``cholesky``  L^-1, L L^T = Sigma_eps           Siarohin et al. ICLR 2019 (whitening and coloring)
-``newton``  Z_T / sqrt(tr Sigma_eps)            IterNorm, Huang et al. CVPR 2019
-==========  ==================================  ================================================
+============  ==================================  ==============================================
+method        Phi                                 reference
+============  ==================================  ==============================================
+``zca``       D Lambda^-1/2 D^T (symmetric)       Bell & Sejnowski 1997; DBN, Huang et al. 2018
+``pca``       Lambda^-1/2 D^T (descending order)  DBN paper, section 3 (fails: axis swapping)
+``cholesky``  L^-1, L L^T = Sigma_eps             Siarohin et al. ICLR 2019 (whitening, coloring)
+``newton``    Z_T / sqrt(tr Sigma_eps)            IterNorm, Huang et al. CVPR 2019
+============  ==================================  ==============================================
 
 ZCA is the whitening closest to its input (it minimizes ``E||y - (x - mu)||^2``) and is
 rotation-equivariant. PCA's rows are the eigenvectors, whose order and sign change between
@@ -42,6 +42,11 @@ function of ``Sigma`` on a repeated eigenspace (any rotation of it is a valid ``
 zeroes the ``1 / (l_i - l_j)`` terms of (numerically) equal eigenvalues, which is exact when the
 loss does not depend on the basis within the eigenspace, as for the null space of a small batch
 (its outputs are zero). Cholesky and Newton use JAX's autodiff (finite for ``eps > 0``).
+
+Rounding. A singular ``Sigma`` computed in float32 has null eigenvalues of about
+``ulp(||Sigma||)``, possibly negative and larger than ``eps``. ZCA and PCA clamp them at 0
+before adding ``eps``; Cholesky adds a jitter of ``g ulp(max diag)`` to the matrices whose
+factorization fails; Newton is scale-free (trace normalization).
 
 Running statistics, two schools (``running_average_of``):
 
@@ -105,7 +110,8 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_iterations(iterations: Any) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+    integer = isinstance(iterations, (int, np.integer)) and not isinstance(iterations, bool)
+    if not integer or iterations < 1:
         raise ValueError(f"iterations={iterations!r} must be an int >= 1 (Newton-Schulz steps)")
 
 
@@ -204,7 +210,18 @@ _pca.defvjp(_pca_fwd, _pca_bwd)
 # ---------------------------------------------------------------- Cholesky, Newton
 def _cholesky(sigma: Array, epsilon: float) -> Array:
     eye = _eye_like(sigma)
-    chol = jnp.linalg.cholesky(_symmetrize(sigma) + epsilon * eye, symmetrize_input=False)
+    sigma = _symmetrize(sigma) + epsilon * eye
+    # When eps is below the float resolution of a singular Sigma (e.g. float32, variances ~1e4,
+    # batch < group), rounding leaves Sigma + eps I numerically indefinite and the
+    # factorization fails (NaN). Those matrices alone get a jitter of g * ulp(max diag): a
+    # probe factorization without gradient finds them, so well-posed inputs are unchanged
+    # and no NaN reaches the backward pass.
+    probe = jnp.linalg.cholesky(lax.stop_gradient(sigma), symmetrize_input=False)
+    failed = jnp.any(jnp.isnan(probe), axis=(-2, -1))
+    diag_max = jnp.max(jnp.diagonal(sigma, axis1=-2, axis2=-1), axis=-1)
+    jitter = sigma.shape[-1] * jnp.finfo(sigma.dtype).eps * lax.stop_gradient(diag_max)
+    sigma = sigma + jnp.where(failed, jitter, 0.0)[..., None, None] * eye
+    chol = jnp.linalg.cholesky(sigma, symmetrize_input=False)
     return lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
 
 

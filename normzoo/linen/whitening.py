@@ -15,8 +15,8 @@ layer                     method    group size      running average of      pape
 
 ``IterNorm`` and ``DecorrelatedBatchNorm`` use their papers' group sizes, one group of all
 features when there are fewer, and the group size halved until it divides the features
-otherwise (as the IterNorm reference code); like their reference code they keep the EMA of the whitening
-matrix (see :mod:`normzoo.functional.whitening` for the two schools).
+otherwise (as the IterNorm reference code). Like their reference code they keep the EMA of
+the whitening matrix (see :mod:`normzoo.functional.whitening` for the two schools).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class Whitening(nn.Module):
       precision: of the matrix products (default ``HIGHEST``: float32 accuracy on TPU / GPU).
 
     Variables: ``params``: ``scale`` (C...) or ``coloring`` (C/g, g, g), and ``bias`` (C...);
-    ``batch_stats``: ``mean`` (C...) and ``covariance`` or ``whitening_matrix`` (C/g, g, g), float32.
+    ``batch_stats``: ``mean`` (C...) and ``covariance`` or ``whitening_matrix`` (C/g, g, g),
+    float32.
     """
 
     #: Presets adapt ``group_size`` to the features (see :func:`adapt_group_size`); the generic
@@ -116,7 +117,7 @@ class Whitening(nn.Module):
     def __call__(
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
     ) -> Array:
-        """Whitens ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects the samples that count."""
+        """Whitens ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects the samples."""
         use_running_average = merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
