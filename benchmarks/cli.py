@@ -1,0 +1,148 @@
+"""``python -m benchmarks``: normzoo vs flax.linen vs jax.numpy vs a copy, side by side.
+
+Examples::
+
+    python -m benchmarks --quick                      # CI smoke test, tiny shapes (< 1 min)
+    python -m benchmarks --layers ln,rms --dtype float32 --repeats 21
+    python -m benchmarks --json out.json --write-results   # full run, updates RESULTS.md
+    python -m benchmarks --layers ln --prototypes         # also time benchmarks/prototypes.py
+
+Progress goes to stderr, the markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from benchmarks import layers as layer_groups
+from benchmarks import report
+from benchmarks import whitening as whitening_groups
+from benchmarks.harness import GroupResult, time_group
+
+ALL_LAYERS = layer_groups.LAYERS + ("whitening",)
+DTYPES = ("float32", "bfloat16")
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def _csv(choices: Sequence[str], what: str):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{what}={text!r}: expected a comma list of {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time normzoo against flax.linen (fast and two-pass variance), plain "
+        "jax.numpy and a copy roofline, forward and forward+backward, in one run.")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes and few repeats: a smoke test (< 60 s on 2 cores)")
+    p.add_argument("--layers", type=_csv(ALL_LAYERS, "--layers"), default=list(ALL_LAYERS),
+                   help=f"comma list of {','.join(ALL_LAYERS)} (default: all)")
+    p.add_argument("--dtype", type=_csv(DTYPES, "--dtype"), default=None,
+                   help="comma list of float32,bfloat16 (default: both; float32 only with "
+                   "--quick, to stay under a minute; whitening is always float32)")
+    p.add_argument("--passes", type=_csv(layer_groups.PASSES, "--passes"),
+                   default=list(layer_groups.PASSES), help="comma list of fwd,fwd+bwd")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per implementation (default 15; 3 with --quick)")
+    p.add_argument("--target-ms", type=float, default=None,
+                   help="aimed duration of one timed run of the slowest implementation "
+                   "(default 50; 1 with --quick)")
+    p.add_argument("--json", metavar="PATH", help="also write every number as JSON")
+    p.add_argument("--write-results", nargs="?", const=RESULTS_PATH, metavar="PATH",
+                   help=f"write the markdown report (default path {RESULTS_PATH})")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip compiling one un-looped step per implementation (its "
+                   "temporary memory, kernels and passes over memory)")
+    p.add_argument("--compile-workers", type=int, default=None,
+                   help="parallel XLA compilations (default 1, so compile times are "
+                   "comparable; all cores with --quick)")
+    p.add_argument("--prototypes", action="store_true",
+                   help="also time the candidate implementations of benchmarks/prototypes.py")
+    return p
+
+
+def run(args: argparse.Namespace, log=None) -> tuple[list[GroupResult], list[str], dict[str, Any]]:
+    """Builds and times every requested group; returns (results, notes, settings)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    repeats = args.repeats or (3 if args.quick else 15)
+    target_s = (args.target_ms or (1.0 if args.quick else 50.0)) / 1e3
+    workers = args.compile_workers or ((os.cpu_count() or 1) if args.quick else 1)
+    dtypes = args.dtype or (["float32"] if args.quick else list(DTYPES))
+    settings = {"quick": args.quick, "dtypes": ",".join(dtypes), "repeats": repeats,
+                "target_ms": target_s * 1e3,
+                "compile_workers": workers, "memory": not args.no_memory,
+                "prototypes": args.prototypes}
+    notes: list[str] = []
+    groups = []
+    names = [n for n in args.layers if n != "whitening"]
+    if names:
+        extra = None
+        if args.prototypes:
+            from benchmarks import prototypes
+
+            extra = prototypes.extra_impls()
+        groups += layer_groups.build_groups(names, dtypes, args.passes, quick=args.quick,
+                                            extra_impls=extra)
+    if "whitening" in args.layers:
+        white, white_notes = whitening_groups.build_groups(quick=args.quick)
+        groups += white
+        notes += white_notes
+        if "float32" not in dtypes:
+            notes.append("whitening rows are float32 only (eigh / cholesky need float32)")
+    cache: dict = {}
+    results = []
+    for index, group in enumerate(groups, 1):
+        start = time.perf_counter()
+        result = time_group(group, repeats=repeats, target_s=target_s, cache=cache,
+                            memory=not args.no_memory, workers=workers)
+        results.append(result)
+        log(f"[{index}/{len(groups)}] {_describe(result)} ({time.perf_counter() - start:.1f} s)")
+    return results, notes, settings
+
+
+def _describe(result: GroupResult) -> str:
+    m = result.meta
+    if m.get("kind") == "whitening":
+        return f"whitening G={m['G']} groups={m['groups']}"
+    text = f"{m['label']} {m['pass']} {m['dtype']}"
+    if "normzoo" in result.impls:
+        bits = [f"{n}/normzoo {result.ratio(n):.2f}" for n in ("flax_fast", "flax_2pass")
+                if n in result.impls]
+        text += ": " + ", ".join(bits)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    meta = report.machine_info()
+    meta["command"] = report.command_line(argv)
+    started = time.perf_counter()
+    results, notes, settings = run(args)
+    meta["load_average_end"] = report.machine_info()["load_average"]
+    meta["total_s"] = round(time.perf_counter() - started, 1)
+    load = meta["load_average"]
+    busiest = max(load[0], meta["load_average_end"][0]) if load else 0.0
+    if meta["cpu_count"] and busiest > 0.5 * meta["cpu_count"]:
+        notes.append(f"the machine was busy (load average {load} at start, "
+                     f"{meta['load_average_end']} at end, {meta['cpu_count']} cores): "
+                     "timings are noisy; rerun on a quiet machine before quoting them")
+    print(report.markdown(results, notes))
+    print(f"total {meta['total_s']} s", file=sys.stderr)
+    if args.json:
+        report.write_json(args.json, report.to_json(results, {**meta, "settings": settings}, notes))
+    if args.write_results:
+        with open(args.write_results, "w") as f:
+            f.write(report.results_markdown(results, meta, notes, settings))
+    return 0

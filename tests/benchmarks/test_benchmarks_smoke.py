@@ -1,0 +1,172 @@
+"""Smoke tests of the benchmark harness: tiny shapes, 1-2 repeats, structure only.
+
+Speed is never asserted here (DESIGN.md section 4); these tests only check that the
+harness runs every kind of group (stateless and stateful layers, fwd and fwd+bwd, bf16,
+whitening with and without normzoo's functions) and that its outputs are well formed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import cli, layers, report, whitening
+from benchmarks.harness import GroupResult, time_group
+
+TINY = dict(repeats=2, target_s=1e-4, min_iters=1)
+
+
+@pytest.fixture(scope="module")
+def layer_results():
+    groups = layers.build_groups(["ln"], ["bfloat16"], ["fwd"], quick=True, shapes={"ln": (8, 16)})
+    groups += layers.build_groups(["bn"], ["float32"], ["fwd+bwd"], quick=True,
+                                  shapes={"bn": (2, 3, 3, 8)}, impls=("normzoo", "flax_fast"))
+    cache = {}
+    return [time_group(g, cache=cache, **TINY) for g in groups]
+
+
+@pytest.fixture(scope="module")
+def whitening_results():
+    groups, notes = whitening.build_groups(configs=[(4, 2)], samples=16, ops=("cov", "newton3"))
+    return [time_group(g, **TINY) for g in groups], notes
+
+
+def test_layer_groups_have_every_implementation_and_a_copy(layer_results):
+    keys = [(r.meta["variant"], r.meta["pass"], r.meta["dtype"]) for r in layer_results]
+    assert keys == [("ln", "fwd", "bfloat16"),
+                    ("bn-train", "fwd+bwd", "float32"), ("bn-eval", "fwd+bwd", "float32")]
+    assert set(layer_results[0].impls) == {"normzoo", "flax_fast", "flax_2pass", "jnp", "copy"}
+    for r in layer_results[1:]:
+        assert set(r.impls) == {"normzoo", "flax_fast", "copy"}
+    for r in layer_results:
+        assert r.reference == "normzoo" and r.roofline == "copy"
+        assert not r.notes, r.notes  # every implementation stayed finite
+        iters = {impl.iters for impl in r.impls.values()}
+        assert len(iters) == 1 and iters.pop() >= 1  # one trip count per group
+        for impl in r.impls.values():
+            assert len(impl.times_s) == 2 and all(t > 0 for t in impl.times_s)
+            assert impl.compile_s > 0 and impl.finite
+
+
+def test_ratios_copy_fractions_and_memory(layer_results):
+    for r in layer_results:
+        zoo, flax = r.impls["normzoo"], r.impls["flax_fast"]
+        assert r.ratio("flax_fast") == pytest.approx(flax.median_s / zoo.median_s)
+        assert r.copy_fraction("normzoo") == pytest.approx(r.impls["copy"].median_s / zoo.median_s)
+        assert r.ratio("missing") is None
+        # temporary bytes and XLA's bytes-accessed estimate of one compiled step
+        assert isinstance(zoo.temp_bytes, int) and isinstance(flax.temp_bytes, int)
+        assert zoo.bytes_accessed is None or zoo.bytes_accessed > 0
+        assert r.meta["x_bytes"] > 0
+
+
+def test_one_iteration_check_matches_flax(layer_results):
+    # Same layer, same settings: normzoo and flax agree to the dtype's precision.
+    for r in layer_results:
+        tol = 5e-2 if r.meta["dtype"] == "bfloat16" else 1e-4
+        for name, impl in r.impls.items():
+            if name != "copy":
+                assert impl.check_rel is not None and impl.check_rel < tol, (r.meta, name)
+
+
+def test_whitening_rows(whitening_results):
+    results, notes = whitening_results
+    (r,) = results
+    assert r.meta["kind"] == "whitening" and r.meta["G"] == 4 and r.reference == "matmul"
+    assert {"matmul", "cov", "newton3"} <= set(r.impls)
+    assert "zca_eigh" not in r.impls and "cholesky" not in r.impls  # filtered out by ops
+    assert all(r.ratio(name) > 0 for name in r.impls)
+    assert all(impl.finite for impl in r.impls.values())
+    if not notes:  # normzoo's functions were found: timed alongside
+        assert {"nz_cov", "nz_newton3"} <= set(r.impls)
+
+
+def test_whitening_skips_missing_normzoo_functions(monkeypatch):
+    import normzoo.functional
+
+    monkeypatch.delattr(normzoo.functional, "whitening_matrix", raising=False)
+    monkeypatch.delattr(normzoo.functional, "covariance", raising=False)
+    ops, notes = whitening.normzoo_ops()
+    assert ops == {} and len(notes) == 2 and all("missing" in n for n in notes)
+    groups, notes = whitening.build_groups(configs=[(4, 1)], samples=8, ops=("newton3",))
+    assert set(groups[0].loops) == {"matmul", "newton3"} and notes
+
+
+def test_whitening_notes_a_failing_signature(monkeypatch):
+    import normzoo.functional
+
+    def broken(*args, **kwargs):
+        raise TypeError("unexpected signature")
+
+    monkeypatch.setattr(normzoo.functional, "whitening_matrix", broken)
+    ops, notes = whitening.normzoo_ops()
+    assert not any(name.startswith("newton") for name in ops)
+    assert any("unexpected signature" in n for n in notes)
+
+
+def test_reports(layer_results, whitening_results):
+    results = layer_results + whitening_results[0]
+    text = report.markdown(results, ["a note"])
+    for heading in ("### Layers", "### Per implementation", "### Whitening", "### Issue 5 targets",
+                    "- a note"):
+        assert heading in text
+    assert text.count("| LayerNorm | fwd |") == 1 + 5  # timing table, a cost row per impl
+    checks = report.targets(results)
+    assert checks and all(set(c) == {"target", "row", "value", "threshold", "ok"} for c in checks)
+    meta = {**report.machine_info(), "command": "python -m benchmarks --quick",
+            "load_average_end": None}
+    payload = json.loads(json.dumps(report.to_json(results, meta)))
+    assert len(payload["groups"]) == len(results)
+    group = payload["groups"][0]
+    assert set(group["impls"]["normzoo"]) >= {"median_s", "times_s", "iters", "compile_s",
+                                             "temp_bytes", "check_rel"}
+    assert set(group["ratios_vs_reference"]) == {"flax_fast", "flax_2pass", "jnp"}
+    assert np.isfinite(group["copy_fraction"]["normzoo"])
+    md = report.results_markdown(results, meta, [], {"repeats": 2})
+    assert "python -m benchmarks --quick" in md and meta["jax"] in md
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out_json, out_md = tmp_path / "r.json", tmp_path / "R.md"
+    code = cli.main(["--quick", "--layers", "rms", "--passes", "fwd", "--dtype", "float32",
+                     "--repeats", "1", "--target-ms", "0.1", "--json", str(out_json),
+                     "--write-results", str(out_md)])
+    assert code == 0
+    assert "| RMSNorm | fwd | float32 |" in capsys.readouterr().out
+    payload = json.loads(out_json.read_text())
+    assert payload["meta"]["settings"]["repeats"] == 1
+    assert [g["meta"]["variant"] for g in payload["groups"]] == ["rms"]
+    assert "--layers rms" in out_md.read_text()
+
+
+@pytest.mark.parametrize("argv", [["--layers", "bn,nope"], ["--dtype", "float16"],
+                                  ["--passes", "bwd"]])
+def test_cli_rejects_bad_lists(argv):
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(argv)
+
+
+def test_group_result_without_reference():
+    result = GroupResult({"kind": "layer"}, {}, None, None)
+    assert result.ratio("x") is None and result.copy_fraction("x") is None
+
+
+@pytest.mark.parametrize("key, name", [("bn-train", "proto_vjp"), ("gn", "proto_nhwc")])
+def test_prototypes_match_flax(key, name):
+    # The prototypes must compute the same layer (values and gradients) to be worth timing.
+    import jax
+
+    from benchmarks import prototypes
+
+    variant = {v.key: v for v in layers.variants(["bn", "gn"])}[key]
+    x, dys, params, stats = layers._inputs(variant, (2, 3, 3, 64), np.float32)
+    flax = layers.implementations(variant, np.float32)["flax_2pass"]
+    proto = prototypes.extra_impls()[key][name](np.float32)
+    np.testing.assert_allclose(proto(params, stats, x)[0], flax(params, stats, x)[0],
+                               rtol=1e-4, atol=1e-4)
+    want = jax.jit(layers.grad_step(flax))(params, stats, x, dys[0])
+    got = jax.jit(layers.grad_step(proto))(params, stats, x, dys[0])
+    for a, b in zip(jax.tree_util.tree_leaves(got[:2]), jax.tree_util.tree_leaves(want[:2])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
