@@ -1,7 +1,11 @@
 """Prototypes of faster normalization, measured with the benchmark's own machinery.
 
 Not part of normzoo: quick candidates for ``normzoo/functional`` (issue 5, phase 2), kept
-here so that the evidence behind the proposal can be rerun. Two ideas, measured separately:
+here so that the evidence behind the proposal can be rerun. ``proto_nhwc``'s channels-last
+group sums and ``proto_vjp``'s backward reading only ``x``, ``dy`` and per-channel vectors
+are now in :mod:`normzoo.functional.fused` (as a ``custom_jvp``, which keeps forward mode);
+``proto_moments`` was not adopted (its unshifted ``E[x]`` loses the large-mean accuracy of
+the shifted mean). The ideas, measured separately:
 
 ``proto_moments`` (forward only; backward by autodiff)
     XLA:CPU materializes any full-size elementwise result that feeds more than one

@@ -4,15 +4,34 @@ Autodiff of ``(x - mean(x)) * rsqrt(var(x) + eps) * scale + bias`` keeps many in
 and walks the data several times; the closed form needs only ``x``, the per-statistic
 ``mean`` and ``r = rsqrt(var + eps)``. The op is a ``jax.custom_jvp`` with a hand-written
 linearization whose transpose JAX derives as exactly the closed form below, so forward mode
-(``jvp``, ``jacfwd``, ``hessian``) works as well as reverse mode. With ``xhat = (x - mean) * r``, ``g = dy * scale`` and
-``E`` the mean over the reduction axes (Ioffe & Szegedy 2015, section 3):
+(``jvp``, ``jacfwd``, ``hessian``) works as well as reverse mode. With ``c = x - mean``,
+``xhat = c * r``, ``g = dy * scale`` and ``E`` the mean over the statistic's elements (Ioffe &
+Szegedy 2015, section 3):
 
-    dx     = r * (g - E[g] - xhat * E[g * xhat])          (standardize)
-    dx     = r * (g - xhat * E[g * xhat])                  (scale: mean = 0, r = rsqrt(E[x^2] + eps))
+    dx     = r * (g - E[g]) - c * r^3 * E[g * c]          (standardize)
+    dx     = r * g - x * r^3 * E[g * x]                    (scale: mean = 0, r = rsqrt(E[x^2] + eps))
     dscale = sum(dy * xhat),   dbias = sum(dy)             (over the axes the params broadcast along)
 
 plus the terms of the returned statistics' own cotangents (``dmean / n`` and
-``dvar * 2 (x - mean) / n``), so gradients through the running-statistics update are exact too.
+``dvar * 2 c / n``), so gradients through the running-statistics update are exact too.
+
+Layout. Channel groups (GroupNorm) are not a ``(..., G, C/G)`` view of x: every full-size
+reduction runs over the reduction axes *other than the channel axis*, in x's own layout,
+to per-channel partial means (``(N, C)`` for NHWC GroupNorm), and the groups are finished
+on those tiny arrays. A strided reduction over a split channel axis is several times slower on
+CPU than a reduction that keeps the contiguous channel axis.
+
+Passes. XLA:CPU writes to memory any full-size value that feeds more than one kernel, so
+the linearization is written so that its transpose reads only ``x``, ``dy`` and small
+per-statistic vectors. When ``scale`` is constant over the statistic's elements but the
+channel (BatchNorm, InstanceNorm, GroupNorm) it is applied to the per-channel sums instead
+of forming ``g = dy * scale``, and every full-size term has one of three forms,
+``dx * k``, ``bcast(s1)`` and ``c * bcast(s2)`` (``k, s1, s2`` per channel), whose transposes
+are ``dy * k``, ``sum(dy)`` and ``sum(dy * c)``: the parameter gradients reuse those same two
+sums, and ``dx`` is one elementwise pass. ``c = x - mean`` is spelled two ways (one for
+the sums, one for ``dx``) so that XLA does not merge and materialize it. Measured (compiled
+HLO, float32 NHWC 64x28x28x128, one training step): BatchNorm 8 passes over x (flax: 11),
+InstanceNorm 7 (flax: 8).
 
 Used for the common case (no mask, no ``axis_name``); the general path in
 :mod:`normzoo.functional.operations` covers the rest with plain autodiff.
@@ -27,34 +46,91 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normzoo.functional.moments import _local_moments
+from normzoo.functional.moments import reduced_moments
 
 Array = jax.Array
 
 
-def _expand(stat: Array, axes: tuple[int, ...]) -> Array:
-    return jnp.expand_dims(stat, axes)
+class _Layout:
+    """Where the statistics of x live, and how full-size arrays reduce to them.
+
+    The reduction runs over ``sum_axes`` (the reduction axes but the grouped channel axis),
+    giving per-channel means of x's shape with ``sum_axes`` set to 1 ("per-channel form");
+    with channel groups, :meth:`mean` then averages the ``k`` channels of each group
+    ("stat form": channel axis of size G) and :meth:`to_channel` repeats a statistic over
+    them. Without groups the two forms are one.
+    """
+
+    def __init__(self, shape, axes, group_axis, num_groups):
+        self.group_axis = group_axis
+        self.sum_axes = tuple(a for a in axes if a != group_axis)
+        self.k = 1 if group_axis is None else shape[group_axis] // num_groups
+        self.ndim = len(shape)
+
+    def mean(self, v: Array) -> Array:
+        """Full-size -> stat form: the mean over each statistic's elements.
+
+        Spelled ``jnp.mean`` over ``sum_axes``: XLA:CPU then fuses the moments and the
+        normalization into one kernel, which a sum scaled by ``1 / n`` afterwards prevents.
+        """
+        per_channel = jnp.expand_dims(jnp.mean(v, self.sum_axes), self.sum_axes)
+        if self.group_axis is None:
+            return per_channel
+        a = self.group_axis
+        split = per_channel.shape[:a] + (-1, self.k) + per_channel.shape[a + 1 :]
+        return jnp.mean(per_channel.reshape(split), a + 1)
+
+    def to_channel(self, stat: Array) -> Array:
+        """Stat -> per-channel form: each group's value repeated over its channels (tiny)."""
+        return stat if self.group_axis is None else jnp.repeat(stat, self.k, self.group_axis)
+
+    def pilot(self, x: Array) -> Array:
+        """One element of x per statistic (the first one), stat form, without gradient."""
+        index = [slice(None)] * self.ndim
+        for a in self.sum_axes:
+            index[a] = slice(0, 1)
+        if self.group_axis is not None:
+            index[self.group_axis] = slice(0, None, self.k)
+        return lax.stop_gradient(x[tuple(index)])
+
+    def squeeze(self, stat: Array) -> Array:
+        """Stat form -> the returned statistics (the summed axes removed)."""
+        return jnp.squeeze(stat, self.sum_axes)
 
 
-def _forward(x, scale_b, bias_b, axes, centered, epsilon, use_fast_variance, stat_dtype, out_dtype):
+def _per_channel(scale_b: Array | None, layout: _Layout) -> bool:
+    """Whether ``scale_b`` is constant over ``sum_axes`` (can multiply per-channel sums)."""
+    return scale_b is None or all(scale_b.shape[a] == 1 for a in layout.sum_axes)
+
+
+def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype,
+             out_dtype):
+    """``y``, the stat-form ``mean``, ``var``, ``r`` and the per-channel ``mean``, ``r``."""
     xf = x.astype(stat_dtype)
-    mean, var = _local_moments(xf, axes, None, centered, use_fast_variance)
+    mean, var = reduced_moments(
+        xf, layout.mean, layout.pilot(xf), centered, use_fast_variance, layout.to_channel
+    )
     r = lax.rsqrt(var + epsilon)
-    xhat = (xf - _expand(mean, axes)) * _expand(r, axes) if centered else xf * _expand(r, axes)
-    y = xhat
-    if scale_b is not None:
+    mean_c, r_c = layout.to_channel(mean), layout.to_channel(r)
+    c = xf - mean_c if centered else xf
+    # Fold the scale into the per-channel multiplier when it is one (one multiply per element).
+    folded = scale_b is not None and _per_channel(scale_b, layout)
+    y = c * (r_c * scale_b if folded else r_c)
+    if scale_b is not None and not folded:
         y = y * scale_b
     if bias_b is not None:
         y = y + bias_b
-    return y.astype(out_dtype), mean, var, r
+    return y.astype(out_dtype), mean, var, r, mean_c, r_c
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+@functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(3, 11)))
 def normalize_affine(
     x: Array,
     scale_b: Array | None,
     bias_b: Array | None,
     axes: tuple[int, ...],
+    group_axis: int | None,
+    num_groups: int | None,
     centered: bool,
     epsilon: float,
     use_fast_variance: bool,
@@ -66,43 +142,59 @@ def normalize_affine(
     Args:
       x: (S...) input; ``axes`` canonical reduction axes.
       scale_b, bias_b: optional params already shaped to broadcast against x (rank of x).
+      group_axis, num_groups: optional channel axis whose channels form ``num_groups``
+        groups of ``C / num_groups``; each statistic then also spans a group's channels.
       centered: standardize (True) or scale by the root mean square (False; mean is 0).
       stat_dtype / out_dtype: dtype of the statistics / of y.
 
     Returns:
-      y (S...) in ``out_dtype``; mean and var (or mean square) with ``axes`` removed.
+      y (S...) in ``out_dtype``; mean and var (or mean square) with the reduction axes
+      removed (the group axis, if any, of size ``num_groups``).
     """
-    y, mean, var, _ = _forward(
-        x, scale_b, bias_b, axes, centered, epsilon, use_fast_variance, stat_dtype, out_dtype
+    layout = _Layout(x.shape, axes, group_axis, num_groups)
+    y, mean, var, *_ = _forward(
+        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype
     )
-    return y, mean, var
+    return y, layout.squeeze(mean), layout.squeeze(var)
 
 
 @normalize_affine.defjvp
 def _normalize_affine_jvp(
-    axes, centered, epsilon, use_fast_variance, stat_dtype, out_dtype, primals, tangents
+    axes, group_axis, num_groups, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
+    primals, tangents,
 ):
-    """The linearization, written so that its transpose is the closed-form backward pass."""
+    """The linearization, written so that its transpose is the closed-form backward pass.
+
+    ``dvar = 2 E[c dx]`` (the ``E[c] dmean`` term vanishes), ``dr = -r^3 dvar / 2`` and
+    ``dxhat = r dx - r dmean + c dr``; see the module docstring for the three term forms.
+    """
     x, scale_b, bias_b = primals
     dx, dscale, dbias = tangents
-    y, mean, var, r = _forward(
-        x, scale_b, bias_b, axes, centered, epsilon, use_fast_variance, stat_dtype, out_dtype
+    layout = _Layout(x.shape, axes, group_axis, num_groups)
+    y, mean, var, r, mean_c, r_c = _forward(
+        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype
     )
-    r_e = _expand(r, axes)
-    xf = x.astype(stat_dtype)
-    xhat = (xf - _expand(mean, axes)) * r_e if centered else xf * r_e
-    dx = dx.astype(stat_dtype)
-    # d var = 2 E[(x - mean) dx] (the E[x - mean] dmean term vanishes); d r = -r^3 dvar / 2.
-    dvar = 2.0 * jnp.mean(xhat * dx, axes) / r
-    dxhat = dx * r_e - xhat * _expand(0.5 * r * r * dvar, axes)
-    if centered:
-        dmean = jnp.mean(dx, axes)
-        dxhat = dxhat - _expand(dmean, axes) * r_e
-    else:
-        dmean = jnp.zeros_like(mean)
-    dy = dxhat if scale_b is None else dxhat * scale_b
-    if scale_b is not None:
-        dy = dy + xhat * dscale
-    if bias_b is not None:
-        dy = dy + dbias
-    return (y, mean, var), (dy.astype(out_dtype), dmean, dvar)
+    xf, dx = x.astype(stat_dtype), dx.astype(stat_dtype)
+    # x - mean spelled two ways, as in moments.py: after transposition ``c_dx`` lands in dx's
+    # elementwise pass and ``c_dy`` in the sums over dy * c; one shared value would be
+    # written to memory by XLA:CPU and read back by both kernels.
+    c_dx = xf - mean_c if centered else xf
+    c_dy = xf + (-mean_c) if centered else xf
+    half_dvar = layout.mean(c_dx * dx)
+    dmean = layout.mean(dx) if centered else jnp.zeros_like(mean)
+    # Per-channel coefficients of the three term forms: dx * k + bcast(s1) + c * bcast(s2).
+    k = r_c
+    s1 = -layout.to_channel(r * dmean)
+    s2 = layout.to_channel(-r * r * r * half_dvar)
+    folded = _per_channel(scale_b, layout)
+    if scale_b is not None and folded:
+        k, s1, s2 = k * scale_b, s1 * scale_b, s2 * scale_b + r_c * dscale
+    if bias_b is not None and folded:
+        s1 = s1 + dbias
+    dy = dx * k + s1 + c_dy * s2
+    if not folded:  # scale varies within a statistic (LayerNorm): g = dy * scale is needed
+        dy = dy * scale_b + c_dy * r_c * dscale
+        if bias_b is not None:
+            dy = dy + dbias
+    tangent_out = (dy.astype(out_dtype), layout.squeeze(dmean), layout.squeeze(2.0 * half_dvar))
+    return (y, layout.squeeze(mean), layout.squeeze(var)), tangent_out

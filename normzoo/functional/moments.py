@@ -30,7 +30,7 @@ small ``psum`` rounds (counts and means, then M2) instead of flax's one ``pmean`
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,44 @@ def _pilot(x: Array, axes: Sequence[int]) -> Array:
     return lax.stop_gradient(x[index])
 
 
+def reduced_moments(
+    x: Array,
+    mean_of: Callable[[Array], Array],
+    pilot: Array | None,
+    use_mean: bool,
+    use_fast_variance: bool,
+    spread: Callable[[Array], Array] = lambda stat: stat,
+) -> tuple[Array, Array]:
+    """Mean and biased variance of ``x``, for any way of averaging it into statistics.
+
+    Args:
+      x: full-size input.
+      mean_of: full-size array -> its mean per statistic, kept broadcastable ("stat form").
+      pilot: shift in stat form (see module docstring), or None for the two-pass formula.
+      spread: stat form -> a form that broadcasts against ``x`` (identity unless the
+        statistics are finished on partial sums, as for channel groups in
+        :mod:`normzoo.functional.fused`).
+
+    Returns:
+      ``(mean, var)`` in stat form; ``(0, E[|x|^2])`` if not ``use_mean``.
+    """
+    if not use_mean:
+        second = mean_of(abs_square(x))
+        return jnp.zeros_like(second), second
+    if use_fast_variance and pilot is not None:
+        shift = spread(pilot)
+        mean_shifted = mean_of(x - shift)
+        # Spelled differently on purpose: XLA would merge two identical ``x - shift`` and
+        # write the shared result to memory; two spellings fuse into their own reductions,
+        # so x is read twice and nothing is written (measured: 2 passes instead of 4).
+        second_shifted = mean_of(abs_square(x + (-shift)))
+        var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
+        return pilot + mean_shifted, var
+    # Two passes: the exact formula.
+    mean = mean_of(x)
+    return mean, mean_of(abs_square(x - spread(mean)))
+
+
 def _local_moments(
     x: Array,
     axes: tuple[int, ...],
@@ -69,24 +107,19 @@ def _local_moments(
     use_mean: bool,
     use_fast_variance: bool,
 ) -> tuple[Array, Array]:
-    """Mean and biased variance of ``x`` over ``axes`` on this device (``axes`` removed)."""
-    if not use_mean:
-        second = jnp.mean(abs_square(x), axes, where=mask)
-        return jnp.zeros_like(second), second
-    if use_fast_variance and mask is None:
-        pilot = _pilot(x, axes)
-        mean_shifted = jnp.mean(x - pilot, axes)
-        # Spelled differently on purpose: XLA would merge two identical ``x - pilot`` and
-        # write the shared result to memory; two spellings fuse into their own reductions,
-        # so x is read twice and nothing is written (measured: 2 passes instead of 4).
-        second_shifted = jnp.mean(abs_square(x + (-pilot)), axes)
-        var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
-        return jnp.squeeze(pilot, axes) + mean_shifted, var
-    # Two passes: the exact formula. Also used with a mask, where the first element
-    # may lie outside the mask (padding can hold any value) and make a poor pilot.
-    mean = jnp.mean(x, axes, where=mask)
-    var = jnp.mean(abs_square(x - jnp.expand_dims(mean, axes)), axes, where=mask)
-    return mean, var
+    """Mean and biased variance of ``x`` over ``axes`` on this device (``axes`` removed).
+
+    With a mask the two-pass formula is used: the first element may lie outside the mask
+    (padding can hold any value) and make a poor pilot.
+    """
+    mean, var = reduced_moments(
+        x,
+        lambda v: jnp.mean(v, axes, keepdims=True, where=mask),
+        _pilot(x, axes) if mask is None else None,
+        use_mean,
+        use_fast_variance,
+    )
+    return jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
 
 
 def _count(x: Array, axes: tuple[int, ...], mask: Array | None, like: Array) -> Array:

@@ -228,29 +228,23 @@ def normalize_with_statistics(
             dtype=dtype,
         )
         return y, stats
-    out_dtype = output_dtype(x, scale, bias, dtype)
-    group_axis_c = None if num_groups is None else group_axis % x.ndim
-    axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
-    view = x if group_axis_c is None else split_groups(x, num_groups, group_axis_c)
-
-    def as_view(param: Array | None) -> Array | None:
-        if param is None:
-            return None
-        param = jnp.reshape(param, broadcast_shape(x.shape, feature_axes))
-        return param if group_axis_c is None else split_groups(param, num_groups, group_axis_c)
-
+    # Channel groups stay in x's own layout (no (..., G, C/G) view): see fused.py.
+    params = [
+        None if p is None else jnp.reshape(p, broadcast_shape(x.shape, feature_axes))
+        for p in (scale, bias)
+    ]
     y, first, second = normalize_affine(
-        view,
-        as_view(scale),
-        as_view(bias),
-        axes,
+        x,
+        *params,
+        tuple(reduction_axes),
+        None if num_groups is None else group_axis % x.ndim,
+        num_groups,
         operation == "standardize",
         epsilon,
         use_fast_variance,
         statistics_dtype(x, dtype, force_float32_reductions),
-        out_dtype,
+        output_dtype(x, scale, bias, dtype),
     )
-    y = jnp.reshape(y, x.shape)
     if operation == "scale":
         return y, {"mean_square": second}
     return y, {"mean": first, "var": second}
