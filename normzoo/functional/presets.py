@@ -168,42 +168,12 @@ def batch_norm(
     )
 
 
-def _per_sample(
-    x: Array,
-    scale: Array | None,
-    bias: Array | None,
-    reduction_axes: tuple[int, ...],
-    feature_axes: tuple[int, ...],
-    operation: str,
-    epsilon: float,
-    mask: Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    use_fast_variance: bool,
-    dtype: Any,
-    force_float32_reductions: bool,
-    num_groups: int | None = None,
-    group_axis: int = -1,
-) -> Array:
-    """Stateless normalization: statistics over ``reduction_axes`` of this very input."""
-    y, _ = normalize_with_statistics(
-        x,
-        reduction_axes,
-        operation,
-        epsilon=epsilon,
-        scale=scale,
-        bias=bias,
-        feature_axes=feature_axes,
-        num_groups=num_groups,
-        group_axis=group_axis,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
-    return y
+def _per_sample(x: Array, reduction_axes: tuple[int, ...], operation: str, **options: Any) -> Array:
+    """Stateless normalization: statistics over ``reduction_axes`` of this very input.
+
+    ``options`` are :func:`normalize_with_statistics`'s keyword arguments.
+    """
+    return normalize_with_statistics(x, reduction_axes, operation, **options)[0]
 
 
 def layer_norm(
@@ -229,18 +199,18 @@ def layer_norm(
     check_floating(x)
     return _per_sample(
         x,
-        scale,
-        bias,
         canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes"),
-        canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
         "standardize",
-        epsilon,
-        mask,
-        axis_name,
-        axis_index_groups,
-        use_fast_variance,
-        dtype,
-        force_float32_reductions,
+        scale=scale,
+        bias=bias,
+        feature_axes=canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
+        epsilon=epsilon,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
     )
 
 
@@ -267,18 +237,17 @@ def rms_norm(
     check_floating(x)
     return _per_sample(
         x,
-        scale,
-        None,
         canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes"),
-        canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
         "scale",
-        epsilon,
-        mask,
-        axis_name,
-        axis_index_groups,
-        True,
-        dtype,
-        force_float32_reductions,
+        scale=scale,
+        feature_axes=canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
+        epsilon=epsilon,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=True,
+        dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
     )
 
 
@@ -317,20 +286,20 @@ def group_norm(
     groups = resolve_num_groups(x.shape[-1], num_groups, group_size)
     return _per_sample(
         x,
-        scale,
-        bias,
         axes,
-        (channel_axis,),
         "standardize",
-        epsilon,
-        mask,
-        axis_name,
-        axis_index_groups,
-        use_fast_variance,
-        dtype,
-        force_float32_reductions,
+        scale=scale,
+        bias=bias,
+        feature_axes=(channel_axis,),
         num_groups=groups,
         group_axis=channel_axis,
+        epsilon=epsilon,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
     )
 
 
@@ -357,18 +326,18 @@ def instance_norm(
     features = canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
     return _per_sample(
         x,
-        scale,
-        bias,
         area_reduction_axes(x.ndim, "instance", features),
-        features,
         "standardize",
-        epsilon,
-        mask,
-        axis_name,
-        axis_index_groups,
-        use_fast_variance,
-        dtype,
-        force_float32_reductions,
+        scale=scale,
+        bias=bias,
+        feature_axes=features,
+        epsilon=epsilon,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        force_float32_reductions=force_float32_reductions,
     )
 
 
@@ -451,14 +420,14 @@ def normalize(
         reduction_axes = tuple(sorted(reduction_axes + features))
     y = _per_sample(
         x,
-        scale,
-        bias,
         reduction_axes,
-        features,
         operation,
-        epsilon,
+        scale=scale,
+        bias=bias,
+        feature_axes=features,
         num_groups=groups,
         group_axis=features[0],
+        epsilon=epsilon,
         **common,
     )
     return y, None
