@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normzoo.functional.moments import reduced_moments
+from normzoo.functional.moments import pilot, reduced_moments
 
 Array = jax.Array
 
@@ -85,13 +85,9 @@ class _Layout:
         return stat if self.group_axis is None else jnp.repeat(stat, self.k, self.group_axis)
 
     def pilot(self, x: Array) -> Array:
-        """One element of x per statistic (the first one), stat form, without gradient."""
-        index = [slice(None)] * self.ndim
-        for a in self.sum_axes:
-            index[a] = slice(0, 1)
-        if self.group_axis is not None:
-            index[self.group_axis] = slice(0, None, self.k)
-        return lax.stop_gradient(x[tuple(index)])
+        """The shift of the one-pass moments (:func:`moments.pilot`), stat form."""
+        select = None if self.group_axis is None else {self.group_axis: slice(0, None, self.k)}
+        return pilot(x, self.sum_axes, select)
 
     def squeeze(self, stat: Array) -> Array:
         """Stat form -> the returned statistics (the summed axes removed)."""

@@ -8,8 +8,8 @@ Accuracy. The textbook one-pass variance ``E[x^2] - E[x]^2`` cancels catastrophi
 difference (1) is below float32's resolution there (8), so flax.linen's default
 (``use_fast_variance=True``) returns a variance of 0 or 16 and a BatchNorm output std of
 ~300. normzoo keeps the single pass but first subtracts a *pilot* value per feature,
-one sample of the data taken under ``stop_gradient`` (Chan, Golub & LeVeque, "Algorithms
-for computing the sample variance", 1983, the shifted-data algorithm):
+the mean of a few samples of the data taken under ``stop_gradient`` (Chan, Golub & LeVeque,
+"Algorithms for computing the sample variance", 1983, the shifted-data algorithm):
 
     d = x - s,   mean = s + E[d],   var = E[d^2] - E[d]^2.
 
@@ -56,10 +56,33 @@ def statistics_dtype(x: Array, dtype: Any = None, force_float32_reductions: bool
     return dtype
 
 
-def _pilot(x: Array, axes: Sequence[int]) -> Array:
-    """The first element of ``x`` along ``axes`` (kept as size-1 axes), without gradient."""
-    index = tuple(slice(0, 1) if ax in axes else slice(None) for ax in range(x.ndim))
-    return lax.stop_gradient(x[index])
+#: Elements averaged into the pilot shift (along one reduction axis).
+PILOT_SAMPLES = 8
+
+
+def pilot(x: Array, axes: Sequence[int], select: dict[int, slice] | None = None) -> Array:
+    """A shift close to the mean of ``x`` over ``axes``: the mean of a few of its elements.
+
+    The first ``PILOT_SAMPLES`` elements along the last of ``axes`` longer than 1 (the first
+    element along the others) are averaged, under ``stop_gradient``; ``axes`` are kept with
+    size 1. ``select`` optionally indexes other axes (the first channel of each group).
+
+    Why a (tiny) reduction and not one element: XLA recomputes a slice of ``x`` inside every
+    kernel that uses it, so the running-statistics update would read ``x`` after the output,
+    and an output written over ``x`` (a loop, a donated buffer) would first copy all of ``x``.
+    A reduction is materialized once, as a small array.
+    """
+    long_axes = [ax for ax in axes if x.shape[ax] > 1]
+    averaged = long_axes[-1] if long_axes else None
+    index = [slice(None)] * x.ndim
+    for ax in axes:
+        index[ax] = slice(0, PILOT_SAMPLES if ax == averaged else 1)
+    for ax, sel in (select or {}).items():
+        index[ax] = sel
+    sample = x[tuple(index)]
+    if averaged is not None:
+        sample = jnp.mean(sample, averaged, keepdims=True)
+    return lax.stop_gradient(sample)
 
 
 def reduced_moments(
@@ -115,7 +138,7 @@ def _local_moments(
     mean, var = reduced_moments(
         x,
         lambda v: jnp.mean(v, axes, keepdims=True, where=mask),
-        _pilot(x, axes) if mask is None else None,
+        pilot(x, axes) if mask is None else None,
         use_mean,
         use_fast_variance,
     )
