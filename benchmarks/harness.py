@@ -353,9 +353,15 @@ def time_group(
 
         names = list(compiled)
         times: dict[str, list[float]] = {name: [] for name in names}
+        order = np.random.default_rng(0)
         for rep in range(repeats):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
+            # A new order each round (no implementation always follows the same one) and
+            # fresh copies of the carried buffers (made before the clock starts): the
+            # placement of a buffer in memory (huge pages or not, cache-set aliasing) moves
+            # identical programs by +-15% on CPU; resampling it makes that noise, not bias.
+            for name in order.permutation(names):
+                state[name] = _fresh(state[name], carried[name])
+                jax.block_until_ready(state[name])
                 seconds, out = _run(compiled[name], iters, state[name])
                 state[name] = _feed(state[name], out, carried[name])
                 times[name].append(seconds / iters)

@@ -99,21 +99,70 @@ def _per_channel(scale_b: Array | None, layout: _Layout) -> bool:
     return scale_b is None or all(scale_b.shape[a] == 1 for a in layout.sum_axes)
 
 
+def _leading_bits(v: Array) -> Array:
+    """``v`` rounded to 16 significant bits (the "head" of the offset form in :func:`_plan`)."""
+    info = jnp.finfo(v.dtype)
+    return lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=16)
+
+
+def _plan(layout: _Layout, dtype: Any, use_fast_variance: bool) -> tuple[str, bool]:
+    """``(variance method, offset form)``: the fastest exact way for this layout and dtype.
+
+    Chosen by measurement on XLA:CPU (2 cores, jax 0.10; loops of the forward pass with the
+    output written over x, float32 64x28x28x128 / 4096x1024, µs per step, copy ~500 / ~350):
+
+    ================  ===========  ==========  ==========  ===========
+    statistic spans   one-pass     shifted     two-pass    chosen
+    ================  ===========  ==========  ==========  ===========
+    trailing (LN)     1820 (flax)  2200        1130 *      two-pass, offset form
+    leading (BN)      1490 (flax)  2030        1800 *      two-pass, offset form
+    middle (IN, GN)   2630 (flax)  7230        3540        guarded 2560
+    ================  ===========  ==========  ==========  ===========
+
+    (* with the offset form.) For 16-bit inputs two-pass with ``(x - mean) * a + b`` is as
+    fast as flax's one pass or faster (LN 1350 vs 1320, BN 3310 vs 3170, IN 3120 vs 4200
+    µs, bfloat16), and the offset form is slower there (the float32 copy of x is written).
+
+    The offset form ``y = (x - head) * a + (b - tail * a)``, with ``mean = head + tail`` and
+    ``head`` the mean rounded to 16 bits, lets XLA:CPU run the reductions as its fast
+    reduction kernels and ``y`` as a separate elementwise kernel instead of one slower fused
+    kernel. It stays accurate when ``|mean| >> std``: ``x - head`` is exact there (Sterbenz)
+    and ``|tail| <= 2^-17 |mean|``, so the error is ``~eps (1 + 2^-16 |mean| / std)`` of the
+    output where plain ``x * a - mean * a`` would lose ``eps |mean| / std``.
+    ``use_fast_variance=False`` (flax's two-pass) always gets ``two_pass``.
+    """
+    wide = jnp.dtype(dtype).itemsize >= 4
+    n = len(layout.sum_axes)
+    trailing = layout.sum_axes == tuple(range(layout.ndim - n, layout.ndim))
+    leading = layout.sum_axes == tuple(range(n))
+    if not use_fast_variance or not wide or trailing or leading:
+        return "two_pass", wide and (trailing or leading)
+    return "guarded", False
+
+
 def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype,
              out_dtype):
     """``y``, the stat-form ``mean``, ``var``, ``r`` and the per-channel ``mean``, ``r``."""
     xf = x.astype(stat_dtype)
-    mean, var = reduced_moments(
-        xf, layout.mean, layout.pilot(xf), centered, use_fast_variance, layout.to_channel
-    )
+    method, offset_form = _plan(layout, x.dtype, use_fast_variance)
+    mean, var = reduced_moments(xf, layout.mean, centered, method, spread=layout.to_channel)
     r = lax.rsqrt(var + epsilon)
     mean_c, r_c = layout.to_channel(mean), layout.to_channel(r)
-    c = xf - mean_c if centered else xf
-    # Fold the scale into the per-channel multiplier when it is one (one multiply per element).
     folded = scale_b is not None and _per_channel(scale_b, layout)
-    y = c * (r_c * scale_b if folded else r_c)
-    if scale_b is not None and not folded:
-        y = y * scale_b
+    if centered and offset_form:  # (x - head) * a + (b - tail * a)
+        head = _leading_bits(mean_c)
+        tail = mean_c - head  # exact (Sterbenz)
+        if folded or scale_b is None:
+            a = r_c * scale_b if folded else r_c
+            offset = -tail * a if bias_b is None else bias_b - tail * a
+            return ((xf - head) * a + offset).astype(out_dtype), mean, var, r, mean_c, r_c
+        y = ((xf - head) * r_c - tail * r_c) * scale_b  # scale varies within a statistic (LN)
+    else:
+        c = xf - mean_c if centered else xf
+        # Fold the scale into the per-channel multiplier when it is one.
+        y = c * (r_c * scale_b if folded else r_c)
+        if scale_b is not None and not folded:
+            y = y * scale_b
     if bias_b is not None:
         y = y + bias_b
     return y.astype(out_dtype), mean, var, r, mean_c, r_c

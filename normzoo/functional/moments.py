@@ -85,12 +85,22 @@ def pilot(x: Array, axes: Sequence[int], select: dict[int, slice] | None = None)
     return lax.stop_gradient(sample)
 
 
+#: How :func:`reduced_moments` computes a variance (see the module docstring).
+VARIANCE_METHODS = ("two_pass", "shifted", "guarded")
+
+#: ``guarded`` trusts ``E[x^2] - E[x]^2`` while ``E[x^2] <= GUARD_RATIO * var``, that is
+#: ``|mean| <= sqrt(GUARD_RATIO - 1) * std`` (about 16 std): the float32 cancellation error is
+#: then below ``GUARD_RATIO * 2^-24 = 2^-16`` of the variance (times the summation's own
+#: rounding growth). Beyond, the variance is recomputed exactly around the mean.
+GUARD_RATIO = 256.0
+
+
 def reduced_moments(
     x: Array,
     mean_of: Callable[[Array], Array],
-    pilot: Array | None,
     use_mean: bool,
-    use_fast_variance: bool,
+    method: str = "two_pass",
+    pilot: Array | None = None,
     spread: Callable[[Array], Array] = lambda stat: stat,
 ) -> tuple[Array, Array]:
     """Mean and biased variance of ``x``, for any way of averaging it into statistics.
@@ -98,7 +108,14 @@ def reduced_moments(
     Args:
       x: full-size input.
       mean_of: full-size array -> its mean per statistic, kept broadcastable ("stat form").
-      pilot: shift in stat form (see module docstring), or None for the two-pass formula.
+      use_mean: False for ``(0, E[|x|^2])`` (RMS statistics).
+      method: one of :data:`VARIANCE_METHODS`, all exact to rounding:
+        ``two_pass``: ``E[|x - E[x]|^2]``, two reads of x (free when a statistic's elements
+        are contiguous and the whole kernel runs per row, as for LayerNorm);
+        ``shifted``: one pass around ``pilot`` (module docstring);
+        ``guarded``: one pass ``E[|x|^2] - |E[x]|^2``, and a second pass (``lax.cond``, so
+        only when needed) if any statistic has ``|mean|`` above ~16 std (:data:`GUARD_RATIO`).
+      pilot: the shift of ``shifted``, in stat form.
       spread: stat form -> a form that broadcasts against ``x`` (identity unless the
         statistics are finished on partial sums, as for channel groups in
         :mod:`normzoo.functional.fused`).
@@ -106,10 +123,14 @@ def reduced_moments(
     Returns:
       ``(mean, var)`` in stat form; ``(0, E[|x|^2])`` if not ``use_mean``.
     """
+    if method not in VARIANCE_METHODS:
+        raise ValueError(f"method={method!r} is unknown; expected one of {VARIANCE_METHODS}")
     if not use_mean:
         second = mean_of(abs_square(x))
         return jnp.zeros_like(second), second
-    if use_fast_variance and pilot is not None:
+    if method == "shifted":
+        if pilot is None:
+            raise ValueError("method='shifted' needs a pilot shift; got pilot=None")
         shift = spread(pilot)
         mean_shifted = mean_of(x - shift)
         # Spelled differently on purpose: XLA would merge two identical ``x - shift`` and
@@ -118,8 +139,17 @@ def reduced_moments(
         second_shifted = mean_of(abs_square(x + (-shift)))
         var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
         return pilot + mean_shifted, var
-    # Two passes: the exact formula.
     mean = mean_of(x)
+    if method == "guarded":
+        second = mean_of(abs_square(x))
+        fast = second - abs_square(mean)
+        # Also true where fast <= 0 < second (a constant statistic, or total cancellation).
+        risky = jnp.any(second > GUARD_RATIO * fast)
+        return mean, lax.cond(
+            risky,
+            lambda: mean_of(abs_square(x - spread(mean))),
+            lambda: jnp.maximum(fast, 0.0),
+        )
     return mean, mean_of(abs_square(x - spread(mean)))
 
 
@@ -135,12 +165,13 @@ def _local_moments(
     With a mask the two-pass formula is used: the first element may lie outside the mask
     (padding can hold any value) and make a poor pilot.
     """
+    shifted = use_fast_variance and mask is None
     mean, var = reduced_moments(
         x,
         lambda v: jnp.mean(v, axes, keepdims=True, where=mask),
-        pilot(x, axes) if mask is None else None,
         use_mean,
-        use_fast_variance,
+        "shifted" if shifted else "two_pass",
+        pilot(x, axes) if shifted else None,
     )
     return jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
 
