@@ -105,7 +105,9 @@ def _leading_bits(v: Array) -> Array:
     return lax.reduce_precision(v, exponent_bits=info.nexp, mantissa_bits=16)
 
 
-def _plan(layout: _Layout, dtype: Any, use_fast_variance: bool) -> tuple[str, bool]:
+def _plan(
+    layout: _Layout, dtype: Any, use_fast_variance: bool, differentiated: bool = False
+) -> tuple[str, bool]:
     """``(variance method, offset form)``: the fastest exact way for this layout and dtype.
 
     Chosen by measurement on XLA:CPU (2 cores, jax 0.10; loops of the forward pass with the
@@ -130,7 +132,13 @@ def _plan(layout: _Layout, dtype: Any, use_fast_variance: bool) -> tuple[str, bo
     and ``|tail| <= 2^-17 |mean|``, so the error is ``~eps (1 + 2^-16 |mean| / std)`` of the
     output where plain ``x * a - mean * a`` would lose ``eps |mean| / std``.
     ``use_fast_variance=False`` (flax's two-pass) always gets ``two_pass``.
+
+    Under differentiation (the linearization) the statistics are ``shifted``: counted in
+    the compiled HLO of a training step, it reads x fewest times there (LN float32: 17
+    passes over x, two-pass 20, guarded 19; BN/IN/GN: 12 against 14 and 13).
     """
+    if differentiated:
+        return ("shifted" if use_fast_variance else "two_pass"), False
     wide = jnp.dtype(dtype).itemsize >= 4
     n = len(layout.sum_axes)
     trailing = layout.sum_axes == tuple(range(layout.ndim - n, layout.ndim))
@@ -141,11 +149,12 @@ def _plan(layout: _Layout, dtype: Any, use_fast_variance: bool) -> tuple[str, bo
 
 
 def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype,
-             out_dtype):
+             out_dtype, differentiated=False):
     """``y``, the stat-form ``mean``, ``var``, ``r`` and the per-channel ``mean``, ``r``."""
     xf = x.astype(stat_dtype)
-    method, offset_form = _plan(layout, x.dtype, use_fast_variance)
-    mean, var = reduced_moments(xf, layout.mean, centered, method, spread=layout.to_channel)
+    method, offset_form = _plan(layout, x.dtype, use_fast_variance, differentiated)
+    shift = layout.pilot(xf) if method == "shifted" else None
+    mean, var = reduced_moments(xf, layout.mean, centered, method, shift, layout.to_channel)
     r = lax.rsqrt(var + epsilon)
     mean_c, r_c = layout.to_channel(mean), layout.to_channel(r)
     folded = scale_b is not None and _per_channel(scale_b, layout)
@@ -217,7 +226,8 @@ def _normalize_affine_jvp(
     dx, dscale, dbias = tangents
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     y, mean, var, r, mean_c, r_c = _forward(
-        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype
+        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
+        differentiated=True,
     )
     xf, dx = x.astype(stat_dtype), dx.astype(stat_dtype)
     # x - mean spelled two ways, as in moments.py: after transposition ``c_dx`` lands in dx's

@@ -93,3 +93,70 @@ def test_group_norm_gradient_through_statistics():
         return jnp.sum(y) + jnp.sum(stats["mean"] ** 2) + jnp.sum(jnp.sqrt(stats["var"]))
 
     np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(general)(x), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------- the plan: every variance method and output form
+
+# (function, reduction axes of the statistics in the NHWC test shape, channel groups)
+PLANNED = {
+    "ln": (lambda x, s, b, fast: F.layer_norm(x, s, b, use_fast_variance=fast), (3,), 1),
+    "bn": (lambda x, s, b, fast: F.batch_norm(x, F.init_batch_stats((SHAPE[-1],)), s, b,
+                                              use_fast_variance=fast)[0], (0, 1, 2), 1),
+    "in": (lambda x, s, b, fast: F.instance_norm(x, s, b, use_fast_variance=fast), (1, 2), 1),
+    "gn": (lambda x, s, b, fast: F.group_norm(x, s, b, num_groups=4, use_fast_variance=fast),
+           (1, 2), 4),
+}
+
+
+def _np_normalized(x, axes, groups, eps):
+    """float64 reference of (x - mean) / sqrt(var + eps) on the same (rounded) input."""
+    x64 = np.asarray(x, np.float64)
+    if groups == 1:
+        mean, var = x64.mean(axes, keepdims=True), x64.var(axes, keepdims=True)
+        return (x64 - mean) / np.sqrt(var + eps)
+    grouped = x64.reshape(x64.shape[:-1] + (groups, -1))
+    red = axes + (4,)
+    mean, var = grouped.mean(red, keepdims=True), grouped.var(red, keepdims=True)
+    return ((grouped - mean) / np.sqrt(var + eps)).reshape(x64.shape)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("loc", [0.3, 1e4])
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_planned_forward_is_exact_for_any_offset(name, loc, fast):
+    # The forward pass picks a variance method and output form per layout (two-pass with
+    # the offset form for LN/BN, guarded one-pass for IN/GN): all must stay accurate when
+    # |mean| >> std, where flax's fast variance is off by ~300x. At 1e4 the float32 mean
+    # itself is rounded to a few ulps (~1e-3): that, not the variance, bounds the output.
+    fn, axes, groups = PLANNED[name]
+    x, _, s, b = _data(4, loc=loc)
+    eps = 1e-5 if name == "bn" else 1e-6
+    y = np.asarray(jax.jit(lambda x: fn(x, s, b, fast))(x), np.float64)
+    xhat = _np_normalized(x, axes, groups, eps)
+    tol = 2e-5 if loc < 1 else 1e-2
+    np.testing.assert_allclose((y - np.asarray(b)) / np.asarray(s), xhat, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_planned_forward_half_precision(name):
+    fn, axes, groups = PLANNED[name]
+    x, _, s, b = _data(5)
+    xb = x.astype(jnp.bfloat16)
+    y = fn(xb, s, b, True)
+    expected = _np_normalized(xb, axes, groups, 1e-5 if name == "bn" else 1e-6)
+    np.testing.assert_allclose((np.asarray(y, np.float64) - np.asarray(b)) / np.asarray(s),
+                               expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("loc", [0.3, 1e4])
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_forward_and_linearization_agree(name, loc):
+    # jax.jvp runs the linearization's own statistics (shifted one pass); the plain call
+    # runs the planned forward (two-pass / guarded): the two primal outputs must agree.
+    fn, _, _ = PLANNED[name]
+    x, dy, s, b = _data(6, loc=loc)
+    f = lambda x: fn(x, s, b, True)  # noqa: E731
+    y_plain = jax.jit(f)(x)
+    y_lin, _ = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, dy)
+    tol = 2e-5 if loc < 1 else 1e-2  # at 1e4: a few float32 ulps of the mean
+    np.testing.assert_allclose(y_plain, y_lin, rtol=tol, atol=tol)

@@ -219,3 +219,50 @@ def test_ema_arrays_and_dicts():
     # momentum 1 keeps the running value; momentum 0 takes the batch value
     np.testing.assert_array_equal(F.ema(run, batch, 1.0)["var"], run["var"])
     np.testing.assert_array_equal(F.ema(run, batch, 0.0)["var"], batch["var"])
+
+
+# ------------------------------------------------- reduced_moments: the three variance methods
+
+@pytest.mark.parametrize("loc", [0.0, 1e4])
+@pytest.mark.parametrize("method", ["two_pass", "shifted", "guarded"])
+def test_reduced_moments_methods_match_float64(rng, method, loc):
+    from normzoo.functional.moments import pilot, reduced_moments
+
+    x = jnp.asarray(loc + rng.standard_normal((64, 6)), jnp.float32)
+    mean_of = lambda v: jnp.mean(v, 0, keepdims=True)  # noqa: E731
+    shift = pilot(x, (0,)) if method == "shifted" else None
+    mean, var = jax.jit(lambda x: reduced_moments(x, mean_of, True, method, shift))(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(mean[0], x64.mean(0), rtol=1e-6)
+    # 1e4 + N(0, 1): E[x^2] - E[x]^2 alone would be off by ~8 (float32 spacing at 1e8)
+    np.testing.assert_allclose(var[0], x64.var(0), rtol=1e-4)
+
+
+def test_reduced_moments_guarded_takes_the_exact_branch_only_when_needed(rng):
+    from normzoo.functional.moments import reduced_moments
+
+    mean_of = lambda v: jnp.mean(v, 0, keepdims=True)  # noqa: E731
+    calls = []
+
+    def counting_mean_of(v):
+        calls.append(v.shape)
+        return mean_of(v)
+
+    x = jnp.asarray(rng.standard_normal((32, 3)), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: reduced_moments(x, counting_mean_of, True, "guarded"))(x)
+    assert "cond" in str(jaxpr)  # the exact pass sits behind a lax.cond
+    # a constant column: E[x^2] > 0 = var, the exact branch returns exactly 0
+    const = jnp.full((32, 3), 7.0, jnp.float32)
+    _, var = reduced_moments(const, mean_of, True, "guarded")
+    np.testing.assert_array_equal(var, 0.0)
+
+
+def test_reduced_moments_rejects_unknown_method_and_missing_pilot():
+    from normzoo.functional.moments import reduced_moments
+
+    x = jnp.ones((4, 2))
+    mean_of = lambda v: jnp.mean(v, 0, keepdims=True)  # noqa: E731
+    with pytest.raises(ValueError, match="method='fast'"):
+        reduced_moments(x, mean_of, True, "fast")
+    with pytest.raises(ValueError, match="pilot"):
+        reduced_moments(x, mean_of, True, "shifted")
