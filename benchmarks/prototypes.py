@@ -286,12 +286,12 @@ def passes_table(dtype: str = "float32", quick: bool = False) -> str:
         if variant.key not in PROTOTYPED:
             continue
         dt = jnp.dtype(dtype)
-        x, dys, params, stats = L._inputs(variant, shapes[variant.layer], dt)
+        x, dy0, params, stats = L._inputs(variant, shapes[variant.layer], dt)
         applies = dict(L.implementations(variant, dt))
         applies.update({k: f(dt) for k, f in extra[variant.key].items()})
         for pass_, make in (("fwd", L.forward_step), ("fwd+bwd", L.grad_step)):
             for name, apply in applies.items():
-                s = summary(make(apply), params, stats, x, dys[0])
+                s = summary(make(apply), params, stats, x, dy0)
                 passes = s["traffic"] / x.nbytes
                 rows.append(f"| {variant.label} | {pass_} | {name} | {s['n_kernels']} "
                             f"| {passes:.1f} |")
@@ -306,14 +306,14 @@ def check_against_flax(dtype: str = "float32") -> str:
         if variant.key not in PROTOTYPED:
             continue
         dt = jnp.dtype(dtype)
-        x, dys, params, stats = L._inputs(variant, L.QUICK_SHAPES[variant.layer], dt)
+        x, dy0, params, stats = L._inputs(variant, L.QUICK_SHAPES[variant.layer], dt)
         ref = L.grad_step(L.implementations(variant, dt)["flax_2pass"])
         ref_y = L.implementations(variant, dt)["flax_2pass"](params, stats, x)[0]
-        rdx, rdp, _ = jax.jit(ref)(params, stats, x, dys[0])
+        rdx, rdp, _ = jax.jit(ref)(params, stats, x, dy0)
         for name, factory in extra[variant.key].items():
             apply = factory(dt)
             y = apply(params, stats, x)[0]
-            dx, dp, _ = jax.jit(L.grad_step(apply))(params, stats, x, dys[0])
+            dx, dp, _ = jax.jit(L.grad_step(apply))(params, stats, x, dy0)
 
             def rel(a, b):
                 a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
