@@ -5,24 +5,31 @@ Run ``python -m benchmarks`` (``--help`` for options; ``--quick`` is the CI smok
 Protocol (``../shared/DESIGN.md`` section 5, ``../shared/REFERENCES.md`` section 6):
 
 * every implementation of one layer, pass, shape and dtype forms a *group*, timed in the
-  same run together with a copy (``x + 1``) of the same array, the roofline;
+  same run together with a copy (``x + 1``) of the same array, the roofline, and an
+  identical second copy loop (the *twin*, a timing control);
 * each implementation is compiled first (ahead of time; the compile time is reported
   apart), then timed as one jitted ``lax.fori_loop`` whose trip count is a runtime argument
-  and whose output is fed back as the next input, so there is no per-call dispatch, no
-  dead code to eliminate, and nothing loop-invariant to hoist except per-feature params:
+  and whose output is fed back as the next input, so there is no per-call dispatch and no
+  dead code to eliminate:
 
   - forward:          ``x <- layer(x)`` (BN train also carries its running statistics);
-  - forward+backward: ``dx, dparams = grad(sum(layer(x) * dy))``, ``x <- x - lr dx``,
-    ``params <- params - lr dparams``, with ``dy`` read from memory each iteration (a
-    fixed random cotangent picked by ``i % 2`` from a (2, *shape) buffer, so the backward
-    reads a real ``dy`` as in a network and XLA cannot hoist any reduction of it);
-  - copy:             ``x <- x + 1``;
+  - forward+backward: ``dx, dparams = grad(sum(layer(x) * dy0))``, ``x <- x - lr dx``,
+    ``params <- params - lr dparams``, with one fixed random cotangent ``dy0`` read from
+    memory. XLA hoists what depends on ``dy0`` alone (``sum(dy0)``, the bias gradient) out
+    of the loop for every implementation alike; ways to vary ``dy`` per iteration cost
+    more than the layers themselves (see :func:`benchmarks.layers.forward_backward_loop`);
+  - copy:             ``x <- x + 1`` (in place: the fastest a CPU moves the data);
 
-* repeats are interleaved (the order rotates every repeat) and summarised by medians;
-  ratios are ``time(other) / time(normzoo)`` (> 1: normzoo faster) and the fraction of
-  copy bandwidth is ``time(copy) / time(impl)`` (1.0 = as fast as a copy);
+* repeats are interleaved in a new random order each round, each run starting from fresh
+  copies of its carried buffers (buffer placement alone moves identical programs by
+  ~10% on CPU), and summarised by medians; ratios are ``time(other) / time(normzoo)`` (> 1:
+  normzoo faster), the fraction of copy bandwidth is ``time(copy) / time(impl)`` (1.0 = as
+  fast as a copy), and ``copy / twin`` shows how far apart identical programs land in this
+  run: a ratio closer to 1 than the largest such gap is reported as a tie;
 * the temporary memory of one (un-looped) forward+backward step is read from
-  ``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``.
+  ``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``;
+* ``jax.profiler`` traces of a loop give the time of each compiled kernel (how the
+  forward/backward plans in :mod:`normzoo.functional.fused` were chosen).
 
 Modules: :mod:`benchmarks.harness` (timing core), :mod:`benchmarks.layers` (the layer
 groups), :mod:`benchmarks.whitening` (whitening rows), :mod:`benchmarks.report`

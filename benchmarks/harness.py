@@ -66,6 +66,9 @@ class Group:
     roofline: str | None = None
     cache_keys: dict[str, Any] = dataclasses.field(default_factory=dict)
     steps: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    #: timing controls (a second, identical copy loop): timed like the others, never checked;
+    #: their ratio to the roofline is the run's spread between identical programs.
+    controls: tuple[str, ...] = ()
     step_args: tuple = ()
     check_args: tuple | None = None
     check_fn: Callable[[Any, tuple], Any] | None = None
@@ -130,6 +133,14 @@ class GroupResult:
     roofline: str | None
     notes: list[str] = dataclasses.field(default_factory=list)
     wall_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    controls: tuple[str, ...] = ()
+
+    def control_ratio(self) -> float | None:
+        """``time(roofline) / time(its identical twin)``: 1 up to this run's noise."""
+        twins = [c for c in self.controls if c in self.impls]
+        if not twins or self.roofline not in self.impls:
+            return None
+        return self.impls[self.roofline].median_s / self.impls[twins[0]].median_s
 
     def ratio(self, other: str, reference: str | None = None) -> float | None:
         """``time(other) / time(reference)``; > 1 means the reference is faster."""
@@ -145,7 +156,7 @@ class GroupResult:
         return self.impls[self.roofline].median_s / self.impls[name].median_s
 
     def to_dict(self) -> dict[str, Any]:
-        names = [n for n in self.impls if n != self.roofline]
+        names = [n for n in self.impls if n != self.roofline and n not in self.controls]
         return {
             "meta": dict(self.meta),
             "reference": self.reference,
@@ -157,6 +168,8 @@ class GroupResult:
             "copy_fraction": {n: self.copy_fraction(n) for n in names if self.roofline},
             "notes": list(self.notes),
             "wall_s": dict(self.wall_s),
+            "controls": list(self.controls),
+            "control_ratio": self.control_ratio(),
         }
 
 
@@ -338,7 +351,8 @@ def time_group(
             run_args = _fresh(check_args, carried[name])
             _, out = _run(fn, 1, run_args)
             finite[name] = _all_finite(out)
-            if group.check_fn is not None and name != group.roofline:
+            if (group.check_fn is not None and name != group.roofline
+                    and name not in group.controls):
                 leaves = jax.tree_util.tree_leaves(group.check_fn(out, check_args))
                 checked[name] = [np.asarray(leaf, np.float64) for leaf in leaves]
             for _ in range(2):  # the first run after compiling can be slower
@@ -377,7 +391,7 @@ def time_group(
     if group.check_fn is not None and group.check_reference in checked:
         ref = checked[group.check_reference]
         for name, leaves in checked.items():
-            if name == group.roofline or len(leaves) != len(ref):
+            if name == group.roofline or name in group.controls or len(leaves) != len(ref):
                 continue
             results[name].check_rel = max(
                 (float(np.max(np.abs(v - r))) / max(float(np.max(np.abs(r))), 1e-30)
@@ -393,4 +407,5 @@ def time_group(
             impl.temp_bytes, impl.bytes_accessed = temp, accessed
             impl.kernel_bytes, impl.kernels = kernel_bytes, count
     wall = {"compile": compiled_at - started, "run": time.perf_counter() - compiled_at}
-    return GroupResult(dict(group.meta), results, group.reference, group.roofline, notes, wall)
+    return GroupResult(dict(group.meta), results, group.reference, group.roofline, notes, wall,
+                       tuple(group.controls))

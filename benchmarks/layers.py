@@ -50,6 +50,9 @@ LAYERS = ("bn", "ln", "gn", "in", "rms")
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("normzoo", "flax_fast", "flax_2pass", "jnp")
 COPY = "copy"
+#: A second copy loop, identical to COPY: ``time(copy) / time(copy_twin)`` is how far apart
+#: two identical programs land in the same run (buffer placement, interference).
+TWIN = "copy_twin"
 
 #: Shapes: the issue's (4096, 1024) for LN/RMS and NHWC (64, 28, 28, 128) for BN/GN/IN.
 FULL_SHAPES = {"ln": (4096, 1024), "rms": (4096, 1024), "bn": (64, 28, 28, 128),
@@ -337,6 +340,7 @@ def build_groups(
                 make = forward_loop if pass_ == "fwd" else forward_backward_loop
                 loops = {name: make(apply) for name, apply in applies.items()}
                 loops[COPY] = copy_loop
+                loops[TWIN] = copy_loop
                 make_step = forward_step if pass_ == "fwd" else grad_step
                 steps = {name: make_step(apply) for name, apply in applies.items()}
                 steps[COPY] = copy_step
@@ -348,7 +352,8 @@ def build_groups(
                     args=args,
                     reference="normzoo" if "normzoo" in applies else None,
                     roofline=COPY,
-                    cache_keys={COPY: COPY},
+                    cache_keys={COPY: COPY, TWIN: TWIN},
+                    controls=(TWIN,),
                     steps=steps,
                     step_args=(params, stats, x, dy0),
                     check_args=check_args,
@@ -356,6 +361,6 @@ def build_groups(
                     check_reference=next((n for n in ("flax_2pass", "flax_fast") if n in applies),
                                          None),
                     carried={**{name: (1, 3) if pass_ == "fwd" else (1, 2, 3) for name in applies},
-                             COPY: (1,)},
+                             COPY: (1,), TWIN: (1,)},
                 ))
     return groups

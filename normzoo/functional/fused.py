@@ -29,9 +29,18 @@ of forming ``g = dy * scale``, and every full-size term has one of three forms,
 ``dx * k``, ``bcast(s1)`` and ``c * bcast(s2)`` (``k, s1, s2`` per channel), whose transposes
 are ``dy * k``, ``sum(dy)`` and ``sum(dy * c)``: the parameter gradients reuse those same two
 sums, and ``dx`` is one elementwise pass. ``c = x - mean`` is spelled two ways (one for
-the sums, one for ``dx``) so that XLA does not merge and materialize it. Measured (compiled
-HLO, float32 NHWC 64x28x28x128, one training step): BatchNorm 8 passes over x (flax: 11),
-InstanceNorm 7 (flax: 8).
+the sums, one for ``dx``) so that XLA does not merge and materialize it. When ``scale``
+varies within a statistic (LayerNorm) one ``xhat`` is shared by the row sums and the
+column sums (``dscale``) and written once, as flax's autodiff does; spelled with ``c`` and
+``r`` separately XLA wrote both ``c`` and a broadcast ``r``.
+
+Statistics. Which variance algorithm (two-pass, shifted or guarded one-pass) and which
+output form run is decided per layout and dtype by :func:`_plan`, from measurements: on
+XLA:CPU the time of a kernel is not its bytes. A reduction over ``x - shift`` with a
+broadcast shift runs ~3x slower than one over ``x`` and ``x^2``, a kernel writing a fresh
+buffer ~3x slower than one writing in place, and the forward pass fused into one kernel
+slower than reductions followed by a separate elementwise kernel. Every choice is exact to
+rounding when ``|mean| >> std`` (tests/functional/test_f_fused.py).
 
 Used for the common case (no mask, no ``axis_name``); the general path in
 :mod:`normzoo.functional.operations` covers the rest with plain autodiff.

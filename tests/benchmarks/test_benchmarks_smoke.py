@@ -37,9 +37,12 @@ def test_layer_groups_have_every_implementation_and_a_copy(layer_results):
     keys = [(r.meta["variant"], r.meta["pass"], r.meta["dtype"]) for r in layer_results]
     assert keys == [("ln", "fwd", "bfloat16"),
                     ("bn-train", "fwd+bwd", "float32"), ("bn-eval", "fwd+bwd", "float32")]
-    assert set(layer_results[0].impls) == {"normzoo", "flax_fast", "flax_2pass", "jnp", "copy"}
+    assert set(layer_results[0].impls) == {"normzoo", "flax_fast", "flax_2pass", "jnp", "copy",
+                                           "copy_twin"}
+    assert layer_results[0].controls == ("copy_twin",)
+    assert layer_results[0].control_ratio() > 0
     for r in layer_results[1:]:
-        assert set(r.impls) == {"normzoo", "flax_fast", "copy"}
+        assert set(r.impls) == {"normzoo", "flax_fast", "copy", "copy_twin"}
     for r in layer_results:
         assert r.reference == "normzoo" and r.roofline == "copy"
         assert not r.notes, r.notes  # every implementation stayed finite
@@ -67,7 +70,7 @@ def test_one_iteration_check_matches_flax(layer_results):
     for r in layer_results:
         tol = 5e-2 if r.meta["dtype"] == "bfloat16" else 1e-4
         for name, impl in r.impls.items():
-            if name != "copy":
+            if name not in ("copy", "copy_twin"):
                 assert impl.check_rel is not None and impl.check_rel < tol, (r.meta, name)
 
 
@@ -114,7 +117,8 @@ def test_reports(layer_results, whitening_results):
         assert heading in text
     assert text.count("| LayerNorm | fwd |") == 1 + 5  # timing table, a cost row per impl
     checks = report.targets(results)
-    assert checks and all(set(c) == {"target", "row", "value", "threshold", "ok"} for c in checks)
+    assert checks and all(set(c) == {"target", "row", "value", "threshold", "ok", "tie"}
+                          for c in checks)
     meta = {**report.machine_info(), "command": "python -m benchmarks --quick",
             "load_average_end": None}
     payload = json.loads(json.dumps(report.to_json(results, meta)))
@@ -126,6 +130,20 @@ def test_reports(layer_results, whitening_results):
     assert np.isfinite(group["copy_fraction"]["normzoo"])
     md = report.results_markdown(results, meta, [], {"repeats": 2})
     assert "python -m benchmarks --quick" in md and meta["jax"] in md
+
+
+def test_ties_are_judged_against_the_runs_identical_program_spread(layer_results):
+    floor = report.noise_floor(layer_results)
+    assert floor is not None and floor >= 0.0
+    inside = 1.0 / (1.0 + floor) + 1e-9 if floor > 0 else 1.0
+    table = report.targets_table([
+        {"target": "never slower than flax", "row": "a", "value": 0.5, "threshold": 1.0,
+         "ok": False, "tie": False},
+        {"target": "never slower than flax", "row": "b", "value": inside, "threshold": 1.0,
+         "ok": False, "tie": True},
+    ])
+    assert "| a | 0.50 | 1.00 | **no** |" in table
+    assert "tie (within noise)" in table
 
 
 def test_cli_end_to_end(tmp_path, capsys):
