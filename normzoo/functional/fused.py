@@ -116,8 +116,8 @@ def _leading_bits(v: Array) -> Array:
 
 def _plan(
     layout: _Layout, dtype: Any, use_fast_variance: bool, differentiated: bool = False
-) -> tuple[str, bool]:
-    """``(variance method, offset form)``: the fastest exact way for this layout and dtype.
+) -> tuple[str, str]:
+    """``(variance method, output form)``: the fastest exact way for this layout and dtype.
 
     Chosen by measurement on XLA:CPU (2 cores, jax 0.10; loops of the forward pass with the
     output written over x, float32 64x28x28x128 / 4096x1024, µs per step, copy ~500 / ~350):
@@ -126,20 +126,30 @@ def _plan(
     statistic spans   one-pass     shifted     two-pass    chosen
     ================  ===========  ==========  ==========  ===========
     trailing (LN)     1820 (flax)  2200        1130 *      two-pass, offset form
-    leading (BN)      1490 (flax)  2030        1800 *      two-pass, offset form
-    middle (IN, GN)   2630 (flax)  7230        3540        guarded 2560
+    leading (BN)      1490 (flax)  2030        1800 *      two-pass, negated form
+    middle (IN, GN)   2630 (flax)  7230        3540        guarded 2560, negated form
     ================  ===========  ==========  ==========  ===========
 
-    (* with the offset form.) For 16-bit inputs two-pass with ``(x - mean) * a + b`` is as
-    fast as flax's one pass or faster (LN 1350 vs 1320, BN 3310 vs 3170, IN 3120 vs 4200
-    µs, bfloat16), and the offset form is slower there (the float32 copy of x is written).
+    (* with the offset form.) For 16-bit inputs two-pass with the plain form is as fast as
+    flax's one pass or faster (LN 1350 vs 1320, BN 3310 vs 3170, IN 3120 vs 4200 µs,
+    bfloat16): there XLA runs the whole normalization as one kernel, and both other forms
+    were slower (the float32 copy of x gets written).
 
-    The offset form ``y = (x - head) * a + (b - tail * a)``, with ``mean = head + tail`` and
-    ``head`` the mean rounded to 16 bits, lets XLA:CPU run the reductions as its fast
-    reduction kernels and ``y`` as a separate elementwise kernel instead of one slower fused
-    kernel. It stays accurate when ``|mean| >> std``: ``x - head`` is exact there (Sterbenz)
-    and ``|tail| <= 2^-17 |mean|``, so the error is ``~eps (1 + 2^-16 |mean| / std)`` of the
-    output where plain ``x * a - mean * a`` would lose ``eps |mean| / std``.
+    Output forms (``a = r * scale`` per channel where the scale folds in):
+
+    * ``plain``: ``(x - mean) * a + b``;
+    * ``negated``: ``(x + (-mean)) * a + b``, the same arithmetic spelled apart from the
+      two-pass variance's ``x - mean``: one shared full-size ``x - mean`` is written to
+      memory by XLA:CPU and read back by both kernels (BN: 6 passes over x instead of 4);
+    * ``offset``: ``(x - head) * a + (b - tail * a)`` with ``mean = head + tail`` and ``head``
+      the mean rounded to 16 bits; XLA:CPU then runs the reductions as its fast reduction
+      kernels and ``y`` as a separate elementwise kernel instead of one slower fused kernel
+      (LN). It stays accurate when ``|mean| >> std``: ``x - head`` is exact there
+      (Sterbenz) and ``|tail| <= 2^-17 |mean|``, so the error is ``~eps (1 + 2^-16 |mean| /
+      std)`` of the output where plain ``x * a - mean * a`` would lose ``eps |mean| / std``.
+      Its per-channel terms are recomputed per element inside the kernel, which costs
+      where the kernel would be separate anyway (BN), so it is used for LN only.
+
     ``use_fast_variance=False`` (flax's two-pass) always gets ``two_pass``.
 
     Under differentiation (the linearization) the statistics are ``guarded`` for every
@@ -150,27 +160,28 @@ def _plan(
     ``x - shift`` with a broadcast shift runs ~3x slower than one over ``x`` and ``x^2``.
     """
     if differentiated:
-        return ("guarded" if use_fast_variance else "two_pass"), False
-    wide = jnp.dtype(dtype).itemsize >= 4
+        return ("guarded" if use_fast_variance else "two_pass"), "plain"
+    if jnp.dtype(dtype).itemsize < 4:
+        return "two_pass", "plain"
     n = len(layout.sum_axes)
-    trailing = layout.sum_axes == tuple(range(layout.ndim - n, layout.ndim))
-    leading = layout.sum_axes == tuple(range(n))
-    if not use_fast_variance or not wide or trailing or leading:
-        return "two_pass", wide and (trailing or leading)
-    return "guarded", False
+    if layout.sum_axes == tuple(range(layout.ndim - n, layout.ndim)):
+        return "two_pass", "offset"
+    if layout.sum_axes == tuple(range(n)) or not use_fast_variance:
+        return "two_pass", "negated"
+    return "guarded", "negated"
 
 
 def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype,
              out_dtype, differentiated=False):
     """``y``, the stat-form ``mean``, ``var``, ``r`` and the per-channel ``mean``, ``r``."""
     xf = x.astype(stat_dtype)
-    method, offset_form = _plan(layout, x.dtype, use_fast_variance, differentiated)
+    method, form = _plan(layout, x.dtype, use_fast_variance, differentiated)
     shift = layout.pilot(xf) if method == "shifted" else None
     mean, var = reduced_moments(xf, layout.mean, centered, method, shift, layout.to_channel)
     r = lax.rsqrt(var + epsilon)
     mean_c, r_c = layout.to_channel(mean), layout.to_channel(r)
     folded = scale_b is not None and _per_channel(scale_b, layout)
-    if centered and offset_form:  # (x - head) * a + (b - tail * a)
+    if centered and form == "offset":  # (x - head) * a + (b - tail * a)
         head = _leading_bits(mean_c)
         tail = mean_c - head  # exact (Sterbenz)
         if folded or scale_b is None:
@@ -179,7 +190,10 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
             return ((xf - head) * a + offset).astype(out_dtype), mean, var, r, mean_c, r_c
         y = ((xf - head) * r_c - tail * r_c) * scale_b  # scale varies within a statistic (LN)
     else:
-        c = xf - mean_c if centered else xf
+        if not centered:
+            c = xf
+        else:
+            c = xf + (-mean_c) if form == "negated" else xf - mean_c
         # Fold the scale into the per-channel multiplier when it is one.
         y = c * (r_c * scale_b if folded else r_c)
         if scale_b is not None and not folded:
