@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normzoo.functional.moments import pilot, reduced_moments
+from normzoo.functional.moments import reduced_moments
 
 Array = jax.Array
 
@@ -92,11 +92,6 @@ class _Layout:
     def to_channel(self, stat: Array) -> Array:
         """Stat -> per-channel form: each group's value repeated over its channels (tiny)."""
         return stat if self.group_axis is None else jnp.repeat(stat, self.k, self.group_axis)
-
-    def pilot(self, x: Array) -> Array:
-        """The shift of the one-pass moments (:func:`moments.pilot`), stat form."""
-        select = None if self.group_axis is None else {self.group_axis: slice(0, None, self.k)}
-        return pilot(x, self.sum_axes, select)
 
     def squeeze(self, stat: Array) -> Array:
         """Stat form -> the returned statistics (the summed axes removed)."""
@@ -176,8 +171,7 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
     """``y``, the stat-form ``mean``, ``var``, ``r`` and the per-channel ``mean``, ``r``."""
     xf = x.astype(stat_dtype)
     method, form = _plan(layout, x.dtype, use_fast_variance, differentiated)
-    shift = layout.pilot(xf) if method == "shifted" else None
-    mean, var = reduced_moments(xf, layout.mean, centered, method, shift, layout.to_channel)
+    mean, var = reduced_moments(xf, layout.mean, centered, method, spread=layout.to_channel)
     r = lax.rsqrt(var + epsilon)
     mean_c, r_c = layout.to_channel(mean), layout.to_channel(r)
     folded = scale_b is not None and _per_channel(scale_b, layout)

@@ -17,6 +17,13 @@ Both sums still fuse into one read of ``x``; with ``s`` within a few standard de
 of the mean the cancellation is gone. The shift is a constant for autodiff, and the
 formulas are exact for any constant, so values and gradients equal the true moments.
 
+:func:`reduced_moments` offers three exact methods: ``shifted`` (above), ``two_pass``
+(``E[|x - E[x]|^2]``) and ``guarded`` (the plain one pass, recomputed in a second pass
+behind a ``lax.cond`` only if some statistic has ``|mean| > ~16 std``, where the plain
+formula would lose more than ``2^-16`` of the variance). Which is fastest depends on the
+layout and the compiler, not on the bytes read: :func:`normzoo.functional.fused._plan`
+picks per layout by measurement.
+
 Cross-device. Under ``jax.vmap(axis_name=...)``, ``shard_map`` or ``pmap`` each device
 computes its local ``(count, mean, M2)`` (M2 = sum of squared deviations) and the devices
 combine them with the parallel formula of Chan et al.:
@@ -60,12 +67,12 @@ def statistics_dtype(x: Array, dtype: Any = None, force_float32_reductions: bool
 PILOT_SAMPLES = 8
 
 
-def pilot(x: Array, axes: Sequence[int], select: dict[int, slice] | None = None) -> Array:
+def pilot(x: Array, axes: Sequence[int]) -> Array:
     """A shift close to the mean of ``x`` over ``axes``: the mean of a few of its elements.
 
     The first ``PILOT_SAMPLES`` elements along the last of ``axes`` longer than 1 (the first
     element along the others) are averaged, under ``stop_gradient``; ``axes`` are kept with
-    size 1. ``select`` optionally indexes other axes (the first channel of each group).
+    size 1.
 
     Why a (tiny) reduction and not one element: XLA recomputes a slice of ``x`` inside every
     kernel that uses it, so the running-statistics update would read ``x`` after the output,
@@ -77,8 +84,6 @@ def pilot(x: Array, axes: Sequence[int], select: dict[int, slice] | None = None)
     index = [slice(None)] * x.ndim
     for ax in axes:
         index[ax] = slice(0, PILOT_SAMPLES if ax == averaged else 1)
-    for ax, sel in (select or {}).items():
-        index[ax] = sel
     sample = x[tuple(index)]
     if averaged is not None:
         sample = jnp.mean(sample, averaged, keepdims=True)
