@@ -127,10 +127,12 @@ def _plan(
 
     (* with the offset form; for BN the negated form below does the same without the
     offset form's per-element cost: 1690 µs against flax's 1500 in the benchmark's loop,
-    the price of two dependent reductions instead of two independent ones.) For 16-bit inputs two-pass with the plain form is as fast as
-    flax's one pass or faster (LN 1350 vs 1320, BN 3310 vs 3170, IN 3120 vs 4200 µs,
-    bfloat16): there XLA runs the whole normalization as one kernel, and both other forms
-    were slower (the float32 copy of x gets written).
+    the price of two dependent reductions instead of two independent ones.)
+
+    For 16-bit inputs two-pass with the plain form is as fast as flax's one pass or faster
+    (LN 1350 vs 1320, BN 3310 vs 3170, IN 3120 vs 4200 µs, bfloat16): there XLA runs the
+    whole normalization as one kernel, and both other forms were slower (the float32 copy
+    of x gets written).
 
     Output forms (``a = r * scale`` per channel where the scale folds in):
 
