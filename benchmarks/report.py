@@ -230,7 +230,7 @@ def targets(results: Sequence[GroupResult]) -> list[dict[str, Any]]:
 
 def control_gaps(results: Sequence[GroupResult]) -> list[float]:
     """Per layer group, how far apart the copy loop and its identical twin landed."""
-    return sorted(abs(math.exp(abs(math.log(c))) - 1.0) for r in results
+    return sorted(math.exp(abs(math.log(c))) - 1.0 for r in results
                   if r.meta.get("kind") == "layer" and (c := r.control_ratio()))
 
 

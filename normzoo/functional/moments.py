@@ -145,17 +145,17 @@ def reduced_moments(
         var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
         return pilot + mean_shifted, var
     mean = mean_of(x)
-    if method == "guarded":
-        second = mean_of(abs_square(x))
-        fast = second - abs_square(mean)
-        # Also true where fast <= 0 < second (a constant statistic, or total cancellation).
-        risky = jnp.any(second > GUARD_RATIO * fast)
-        return mean, lax.cond(
-            risky,
-            lambda: mean_of(abs_square(x - spread(mean))),
-            lambda: jnp.maximum(fast, 0.0),
-        )
-    return mean, mean_of(abs_square(x - spread(mean)))
+
+    def around_mean():  # the exact second pass
+        return mean_of(abs_square(x - spread(mean)))
+
+    if method == "two_pass":
+        return mean, around_mean()
+    second = mean_of(abs_square(x))
+    fast = second - abs_square(mean)
+    # Also true where fast <= 0 < second (a constant statistic, or total cancellation).
+    risky = jnp.any(second > GUARD_RATIO * fast)
+    return mean, lax.cond(risky, around_mean, lambda: jnp.maximum(fast, 0.0))
 
 
 def _local_moments(
@@ -167,8 +167,8 @@ def _local_moments(
 ) -> tuple[Array, Array]:
     """Mean and biased variance of ``x`` over ``axes`` on this device (``axes`` removed).
 
-    With a mask the two-pass formula is used: the first element may lie outside the mask
-    (padding can hold any value) and make a poor pilot.
+    With a mask the two-pass formula is used: the pilot's samples may lie outside the mask
+    (padding can hold any value) and make a poor shift.
     """
     shifted = use_fast_variance and mask is None
     mean, var = reduced_moments(

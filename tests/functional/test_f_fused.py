@@ -124,8 +124,8 @@ def _np_normalized(x, axes, groups, eps):
 @pytest.mark.parametrize("loc", [0.3, 1e4])
 @pytest.mark.parametrize("name", sorted(PLANNED))
 def test_planned_forward_is_exact_for_any_offset(name, loc, fast):
-    # The forward pass picks a variance method and output form per layout (two-pass with
-    # the offset form for LN/BN, guarded one-pass for IN/GN): all must stay accurate when
+    # The forward pass picks a variance method and output form per layout (two-pass for
+    # LN/BN, guarded one-pass for IN/GN, fused._plan): all must stay accurate when
     # |mean| >> std, where flax's fast variance is off by ~300x. At 1e4 the float32 mean
     # itself is rounded to a few ulps (~1e-3): that, not the variance, bounds the output.
     fn, axes, groups = PLANNED[name]
@@ -151,8 +151,8 @@ def test_planned_forward_half_precision(name):
 @pytest.mark.parametrize("loc", [0.3, 1e4])
 @pytest.mark.parametrize("name", sorted(PLANNED))
 def test_forward_and_linearization_agree(name, loc):
-    # jax.jvp runs the linearization's own statistics (shifted one pass); the plain call
-    # runs the planned forward (two-pass / guarded): the two primal outputs must agree.
+    # jax.jvp runs the linearization's own statistics (guarded one pass, plain output
+    # form); the plain call runs the planned forward: the two primal outputs must agree.
     fn, _, _ = PLANNED[name]
     x, dy, s, b = _data(6, loc=loc)
     f = lambda x: fn(x, s, b, True)  # noqa: E731
@@ -160,3 +160,18 @@ def test_forward_and_linearization_agree(name, loc):
     y_lin, _ = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, dy)
     tol = 2e-5 if loc < 1 else 1e-2  # at 1e4: a few float32 ulps of the mean
     np.testing.assert_allclose(y_plain, y_lin, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["in", "gn", "bn"])
+def test_vmap_over_the_guard_matches_a_python_loop(name):
+    # Under jax.vmap the guard's lax.cond becomes a select over both branches; members with
+    # |mean| ~ 1e4 and ~ 0.3 batched together must match the per-member values and grads.
+    fn, _, _ = PLANNED[name]
+    _, dy, s, b = _data(7)
+    xs = jnp.stack([_data(8, loc=0.3)[0], _data(9, loc=1e4)[0]])
+    f = lambda x: fn(x, s, b, True)  # noqa: E731
+    g = jax.grad(lambda x: jnp.sum(f(x) * dy))
+    y_vmap, g_vmap = jax.jit(jax.vmap(f))(xs), jax.jit(jax.vmap(g))(xs)
+    for i in range(2):
+        np.testing.assert_allclose(y_vmap[i], jax.jit(f)(xs[i]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g_vmap[i], jax.jit(g)(xs[i]), rtol=1e-4, atol=1e-4)
