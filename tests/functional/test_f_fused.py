@@ -36,10 +36,16 @@ LAYERS = {
            nn.BatchNorm(use_running_average=False, use_fast_variance=False)),
     "ln": (lambda x, s, b: F.layer_norm(x, s, b),
            nn.LayerNorm(use_fast_variance=False)),
+    "ln_2axes": (lambda x, s, b: F.layer_norm(x, s, b, reduction_axes=(2, 3)),
+                 nn.LayerNorm(reduction_axes=(2, 3), use_fast_variance=False)),
+    "rms": (lambda x, s, b: F.rms_norm(x, s) + b,
+            nn.Sequential([nn.RMSNorm(use_fast_variance=False), lambda y: y])),
 }
 
 
 def _flax(module, x, s, b):
+    if isinstance(module, nn.Sequential):  # RMSNorm (no bias), then + b
+        return module.apply({"params": {"layers_0": {"scale": s}}}, x) + b
     variables = {"params": {"scale": s, "bias": b}}
     if isinstance(module, nn.BatchNorm):
         variables["batch_stats"] = {"mean": jnp.zeros_like(s), "var": jnp.ones_like(s)}
@@ -93,6 +99,42 @@ def test_group_norm_gradient_through_statistics():
         return jnp.sum(y) + jnp.sum(stats["mean"] ** 2) + jnp.sum(jnp.sqrt(stats["var"]))
 
     np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(general)(x), rtol=1e-4, atol=1e-5)
+
+
+# (reduction axes, feature axes) of LayerNorm / RMSNorm in the NHWC test shape: the scale
+# varies along the statistic's axes only (matrix-vector backward) or also across them.
+ROW_CASES = [((3,), (3,)), ((2, 3), (3,)), ((1, 2, 3), (2, 3)), ((3,), (2, 3)), ((2,), (2,))]
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("axes,features", ROW_CASES)
+def test_row_norm_gradients_match_autodiff(axes, features, centered):
+    """LayerNorm / RMSNorm's fused backward (outer-product terms where the scale is per
+    feature, the general form where it also varies across rows) against plain autodiff of
+    the mask path, with cotangents on y and on the returned statistics."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(0.3 + rng.standard_normal(SHAPE), jnp.float32)
+    pshape = tuple(SHAPE[a] for a in features)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, pshape), jnp.float32)
+    b = jnp.asarray(0.1 * rng.standard_normal(pshape), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal(SHAPE), jnp.float32)
+    operation = "standardize" if centered else "scale"
+
+    def loss(mask):
+        def f(x, s, b):
+            y, stats = normalize_with_statistics(
+                x, axes, operation, scale=s, bias=b, feature_axes=features, mask=mask)
+            return jnp.sum(y * dy) + sum(jnp.sum(jnp.sin(v)) for v in stats.values())
+        return f
+
+    fused = jax.grad(loss(None), argnums=(0, 1, 2))(x, s, b)
+    general = jax.grad(loss(jnp.ones(SHAPE, bool)), argnums=(0, 1, 2))(x, s, b)
+    for a, e in zip(fused, general):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+    with x64():
+        args = tuple(jnp.asarray(a, jnp.float64) for a in (x, s, b))
+        check_grads(jax.jit(loss(None)), args, order=1, modes=("rev", "fwd"), atol=1e-5,
+                    rtol=1e-5)
 
 
 # ------------------------------------------- the plan: every variance method and output form
