@@ -8,6 +8,9 @@ the loops of :mod:`benchmarks.harness`:
 * ``fwd+bwd``: ``dx, dparams = grad(sum(y * dy0))`` with one fixed upstream gradient ``dy0``,
   then ``x <- x - lr dx`` and ``params <- params - lr dparams / k`` (``lr`` a runtime scalar,
   ``k`` the elements per param); BN train also carries its updated running statistics.
+  The update of x is computed in float32 and rounded once to x's dtype: in bfloat16
+  arithmetic its two extra roundings took more time than the layers' own work (XLA:CPU
+  converts float32 -> bfloat16 in software).
 
   ``dy0`` is loop-invariant, so XLA hoists what depends on it alone out of the loop: the
   sum of dy (the bias gradient), for every implementation alike (checked in the compiled
@@ -232,7 +235,9 @@ def forward_backward_loop(apply: Apply):
         def body(i, carry):
             x, params, stats = carry
             dx, dparams, stats = step(params, stats, x, dy0)
-            x = (x - lr.astype(x.dtype) * dx).astype(x.dtype)
+            # One rounding to x's dtype: in bfloat16 arithmetic (a rounding after the product
+            # and one after the difference) this update alone cost ~2x a copy on XLA:CPU.
+            x = (x.astype(jnp.float32) - lr * dx.astype(jnp.float32)).astype(x.dtype)
             # Params take a step scaled by 1 / (elements per param): bounded over long runs.
             params = jax.tree_util.tree_map(
                 lambda p, g: (p - (lr * p.size / x.size) * g).astype(p.dtype), params, dparams)
