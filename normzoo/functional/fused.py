@@ -196,6 +196,8 @@ def _plan(
     vs 1.51 and 1.53, IN 0.97 vs 0.74 and 0.86, LN 0.89 vs 0.87 and 0.75), although
     ``shifted`` reads x fewest times in the compiled HLO: on XLA:CPU a reduction over
     ``x - shift`` with a broadcast shift runs ~3x slower than one over ``x`` and ``x^2``.
+    With LayerNorm's matrix-vector backward (module docstring) ``guarded`` still wins:
+    4.9 ms per step against 8.3 ms for ``two_pass`` (4096x1024 float32; flax 9.4 ms).
     """
     if differentiated:
         return ("guarded" if use_fast_variance else "two_pass"), "plain"
