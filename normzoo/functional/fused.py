@@ -233,10 +233,8 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
             c = xf
         else:
             c = xf + (-mean_c) if form == "negated" else xf - mean_c
-        # Fold the scale into the per-channel multiplier when it is one.
-        y = c * (r_c * scale_b if folded else r_c)
-        if scale_b is not None and not folded:
-            y = y * scale_b
+        # One multiplier r * scale, as flax.linen (same rounding; per channel when folded).
+        y = c * (r_c if scale_b is None else r_c * scale_b)
     if bias_b is not None:
         y = y + bias_b
     return y.astype(out_dtype), mean, var, r, mean_c, r_c
