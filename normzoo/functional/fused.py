@@ -57,6 +57,7 @@ Used for the common case (no mask, no ``axis_name``); the general path in
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -83,6 +84,16 @@ class _Layout:
         self.sum_axes = tuple(a for a in axes if a != group_axis)
         self.k = 1 if group_axis is None else shape[group_axis] // num_groups
         self.ndim = len(shape)
+        self.count = self.k * math.prod(shape[a] for a in self.sum_axes)
+
+    def sum(self, v: Array) -> Array:
+        """Full-size -> stat form: the sum over each statistic's ``count`` elements."""
+        per_channel = jnp.sum(v, self.sum_axes, keepdims=True)
+        if self.group_axis is None:
+            return per_channel
+        a = self.group_axis
+        split = per_channel.shape[:a] + (-1, self.k) + per_channel.shape[a + 1 :]
+        return jnp.sum(per_channel.reshape(split), a + 1)
 
     def mean(self, v: Array) -> Array:
         """Full-size -> stat form: the mean over each statistic's elements.
@@ -140,6 +151,24 @@ def _outer(u: Array, v: Array) -> Array:
     Full precision: the default precision of a float32 dot is lower on TPU and GPU.
     """
     return lax.dot_general(u, v, (((), ()), ((), ())), precision=lax.Precision.HIGHEST)
+
+
+def _computed_once(*stats: Array) -> tuple[Array, ...]:
+    """``stats`` unchanged, through one tiny identity matrix product (a linear op).
+
+    XLA:CPU fuses cheap per-statistic arithmetic into the full-size kernel that consumes it
+    and recomputes it for every element; a dot is never fused that way, so the arithmetic
+    before it runs once, in its own small kernel. The op is linear and its transpose is a
+    dot again, so the backward pass gets the same boundary: the ``dx`` kernel of a
+    BatchNorm training step ran ~1.7x faster (float32; ~2x in bfloat16). Exact for finite
+    values (products by 1 and 0); a non-finite entry turns the others at its position NaN
+    (``0 * inf``).
+    """
+    stacked = jnp.stack([jnp.reshape(v, -1) for v in stats])  # (k, size)
+    eye = jnp.eye(len(stats), dtype=stacked.dtype)
+    out = lax.dot_general(eye, stacked, (((1,), (0,)), ((), ())),
+                          precision=lax.Precision.HIGHEST)
+    return tuple(jnp.reshape(o, v.shape) for o, v in zip(out, stats))
 
 
 def _leading_bits(v: Array) -> Array:
@@ -293,20 +322,29 @@ def _normalize_affine_jvp(
         differentiated=True,
     )
     xf, dx = x.astype(stat_dtype), dx.astype(stat_dtype)
+    folded = _per_channel(scale_b, layout)
+    k = r_c * scale_b if scale_b is not None and folded else r_c
+    if folded and centered:  # the per-channel vectors of dx's elementwise pass, once
+        mean_c, k = _computed_once(mean_c, k)
     # x - mean spelled two ways, as in moments.py: after transposition ``c_dx`` lands in dx's
     # elementwise pass and ``c_dy`` in the sums over dy * c; one shared value would be
     # written to memory by XLA:CPU and read back by both kernels.
     c_dx = xf - mean_c if centered else xf
     c_dy = xf + (-mean_c) if centered else xf
-    half_dvar = layout.mean(c_dx * dx)
-    dmean = layout.mean(dx) if centered else jnp.zeros_like(mean)
+    # The sums, then one boundary (_computed_once), then the division: transposed, every
+    # per-statistic step of the backward runs before the boundary, in a small kernel.
+    n = layout.count
+    if centered:
+        sum_cdx, sum_dx = _computed_once(layout.sum(c_dx * dx), layout.sum(dx))
+        half_dvar, dmean = sum_cdx / n, sum_dx / n
+    else:
+        (sum_cdx,) = _computed_once(layout.sum(c_dx * dx))
+        half_dvar, dmean = sum_cdx / n, jnp.zeros_like(mean)
     # Per-channel coefficients of the three term forms: dx * k + bcast(s1) + c * bcast(s2).
-    k = r_c
     s1 = -layout.to_channel(r * dmean)
     s2 = layout.to_channel(-r * r * r * half_dvar)
-    folded = _per_channel(scale_b, layout)
     if scale_b is not None and folded:
-        k, s1, s2 = k * scale_b, s1 * scale_b, s2 * scale_b + r_c * dscale
+        s1, s2 = s1 * scale_b, s2 * scale_b + r_c * dscale
     if bias_b is not None and folded:
         s1 = s1 + dbias
     if folded:
