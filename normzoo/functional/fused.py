@@ -153,22 +153,29 @@ def _outer(u: Array, v: Array) -> Array:
     return lax.dot_general(u, v, (((), ()), ((), ())), precision=lax.Precision.HIGHEST)
 
 
-def _computed_once(*stats: Array) -> tuple[Array, ...]:
-    """``stats`` unchanged, through one tiny identity matrix product (a linear op).
+def computed_once(*stats: Array) -> tuple[Array, ...]:
+    """``stats`` unchanged; on CPU through one tiny identity matrix product (a linear op).
 
     XLA:CPU fuses cheap per-statistic arithmetic into the full-size kernel that consumes it
     and recomputes it for every element; a dot is never fused that way, so the arithmetic
     before it runs once, in its own small kernel. The op is linear and its transpose is a
-    dot again, so the backward pass gets the same boundary: the ``dx`` kernel of a
-    BatchNorm training step ran ~1.7x faster (float32; ~2x in bfloat16). Exact for finite
-    values (products by 1 and 0); a non-finite entry turns the others at its position NaN
-    (``0 * inf``).
+    dot again, so a backward pass gets the same boundary: the ``dx`` kernel of a BatchNorm
+    training step ran ~1.7x faster (float32; ~2x in bfloat16). Exact for finite values
+    (products by 1 and 0); a non-finite entry turns the others at its position NaN
+    (``0 * inf``). Other backends get ``stats`` as they are (measured on CPU only).
     """
-    stacked = jnp.stack([jnp.reshape(v, -1) for v in stats])  # (k, size)
-    eye = jnp.eye(len(stats), dtype=stacked.dtype)
-    out = lax.dot_general(eye, stacked, (((1,), (0,)), ((), ())),
-                          precision=lax.Precision.HIGHEST)
-    return tuple(jnp.reshape(o, v.shape) for o, v in zip(out, stats))
+
+    def through_dot(*stats):
+        stacked = jnp.stack([jnp.reshape(v, -1) for v in stats])  # (k, size)
+        eye = jnp.eye(len(stats), dtype=stacked.dtype)
+        out = lax.dot_general(eye, stacked, (((1,), (0,)), ((), ())),
+                              precision=lax.Precision.HIGHEST)
+        return tuple(jnp.reshape(o, v.shape) for o, v in zip(out, stats))
+
+    if len(stats) < 2:
+        raise ValueError(f"computed_once needs at least 2 arrays (a dot contracting over 1 "
+                         f"is simplified away); got {len(stats)}")
+    return lax.platform_dependent(*stats, cpu=through_dot, default=lambda *stats: stats)
 
 
 def _leading_bits(v: Array) -> Array:
@@ -325,20 +332,20 @@ def _normalize_affine_jvp(
     folded = _per_channel(scale_b, layout)
     k = r_c * scale_b if scale_b is not None and folded else r_c
     if folded and centered:  # the per-channel vectors of dx's elementwise pass, once
-        mean_c, k = _computed_once(mean_c, k)
+        mean_c, k = computed_once(mean_c, k)
     # x - mean spelled two ways, as in moments.py: after transposition ``c_dx`` lands in dx's
     # elementwise pass and ``c_dy`` in the sums over dy * c; one shared value would be
     # written to memory by XLA:CPU and read back by both kernels.
     c_dx = xf - mean_c if centered else xf
     c_dy = xf + (-mean_c) if centered else xf
-    # The sums, then one boundary (_computed_once), then the division: transposed, every
+    # The sums, then one boundary (computed_once), then the division: transposed, every
     # per-statistic step of the backward runs before the boundary, in a small kernel.
     n = layout.count
     if centered:
-        sum_cdx, sum_dx = _computed_once(layout.sum(c_dx * dx), layout.sum(dx))
+        sum_cdx, sum_dx = computed_once(layout.sum(c_dx * dx), layout.sum(dx))
         half_dvar, dmean = sum_cdx / n, sum_dx / n
     else:
-        (sum_cdx,) = _computed_once(layout.sum(c_dx * dx))
+        sum_cdx, _ = computed_once(layout.sum(c_dx * dx), jnp.zeros_like(mean))
         half_dvar, dmean = sum_cdx / n, jnp.zeros_like(mean)
     # Per-channel coefficients of the three term forms: dx * k + bcast(s1) + c * bcast(s2).
     s1 = -layout.to_channel(r * dmean)
