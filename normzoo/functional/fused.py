@@ -29,7 +29,11 @@ of forming ``g = dy * scale``, and every full-size term has one of three forms,
 ``dx * k``, ``bcast(s1)`` and ``c * bcast(s2)`` (``k, s1, s2`` per channel), whose transposes
 are ``dy * k``, ``sum(dy)`` and ``sum(dy * c)``: the parameter gradients reuse those same two
 sums, and ``dx`` is one elementwise pass. ``c = x - mean`` is spelled two ways (one for
-the sums, one for ``dx``) so that XLA does not merge and materialize it.
+the sums, one for ``dx``) so that XLA does not merge and materialize it. The per-channel
+vectors that pass reads (``mean``, ``k`` and the cotangents of the sums) go through
+:func:`computed_once`, a tiny identity matrix product: otherwise XLA:CPU recomputes their
+arithmetic for every element (BatchNorm training step, bfloat16: the ``dx`` kernel went
+from ~4.2 to ~2.2 ms).
 
 When ``scale`` varies within a statistic the backward's sums are over ``g = dy * scale``.
 For LayerNorm and RMSNorm (x a ``(rows, features)`` matrix, scale per feature) the per-row
