@@ -164,7 +164,9 @@ def computed_once(*stats: Array) -> tuple[Array, ...]:
     and recomputes it for every element; a dot is never fused that way, so the arithmetic
     before it runs once, in its own small kernel. The op is linear and its transpose is a
     dot again, so a backward pass gets the same boundary: the ``dx`` kernel of a BatchNorm
-    training step ran ~1.7x faster (float32; ~2x in bfloat16). Exact for finite values
+    training step (64x28x28x128, bfloat16, jax.profiler) went from ~4.2 to ~2.2 ms; an
+    elementwise pass with five per-channel coefficients from 2.4 to 1.4 ms (float32). Exact
+    for finite values
     (products by 1 and 0); a non-finite entry turns the others at its position NaN
     (``0 * inf``). Other backends get ``stats`` as they are (measured on CPU only).
     """

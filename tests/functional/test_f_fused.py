@@ -10,6 +10,7 @@ from f_helpers import x64
 from jax.test_util import check_grads
 
 import normzoo.functional as F
+from normzoo.functional.fused import computed_once
 from normzoo.functional.operations import normalize_with_statistics
 
 SHAPE = (3, 5, 4, 12)  # NHWC
@@ -217,3 +218,25 @@ def test_vmap_over_the_guard_matches_a_python_loop(name):
     for i in range(2):
         np.testing.assert_allclose(y_vmap[i], jax.jit(f)(xs[i]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(g_vmap[i], jax.jit(g)(xs[i]), rtol=1e-4, atol=1e-4)
+
+
+def test_computed_once_is_an_exact_linear_identity_through_a_dot():
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.standard_normal((2, 1, 3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, 1, 3)) * 1e30, jnp.float32)
+    out = jax.jit(computed_once)(a, b)
+    np.testing.assert_array_equal(out[0], a)
+    np.testing.assert_array_equal(out[1], b)
+    # Linear: the gradient of <w, out> is w, and forward mode agrees.
+    w = (jnp.arange(6.0).reshape(a.shape), -jnp.ones_like(b))
+    grads = jax.grad(lambda a, b: sum(jnp.sum(wi * oi) for wi, oi in zip(w, computed_once(a, b))),
+                     argnums=(0, 1))(a, b)
+    np.testing.assert_array_equal(grads[0], w[0])
+    np.testing.assert_array_equal(grads[1], w[1])
+    _, tangents = jax.jvp(computed_once, (a, b), w)
+    np.testing.assert_array_equal(tangents[0], w[0])
+    # On CPU it is a dot in the compiled program (the point of it), forward and backward.
+    hlo = jax.jit(jax.grad(lambda a, b: jnp.sum(computed_once(a, b)[0] * b))).lower(a, b)
+    assert " dot(" in hlo.compile().as_text()
+    with pytest.raises(ValueError, match="at least 2 arrays"):
+        computed_once(a)
