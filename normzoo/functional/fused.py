@@ -243,12 +243,13 @@ def _plan(
     """
     if differentiated:
         return ("guarded" if use_fast_variance else "two_pass"), "plain"
-    if jnp.dtype(dtype).itemsize < 4:
-        return "two_pass", "plain"
     n = len(layout.sum_axes)
+    leading = layout.sum_axes == tuple(range(n))
+    if jnp.dtype(dtype).itemsize < 4:
+        return "two_pass", "negated" if leading else "plain"
     if layout.sum_axes == tuple(range(layout.ndim - n, layout.ndim)):
         return "two_pass", "offset"
-    if layout.sum_axes == tuple(range(n)) or not use_fast_variance:
+    if leading or not use_fast_variance:
         return "two_pass", "negated"
     return "guarded", "negated"
 
