@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 
 import normzoo
+from normzoo.functional import native
 from benchmarks.harness import Group
 
 Apply = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
@@ -51,7 +52,7 @@ Apply = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 #: Layer keys accepted by ``--layers``; "bn" expands to a training and an eval row.
 LAYERS = ("bn", "ln", "gn", "in", "rms")
 PASSES = ("fwd", "fwd+bwd")
-IMPLS = ("normzoo", "flax_fast", "flax_2pass", "jnp")
+IMPLS = ("normzoo", "normzoo_xla", "flax_fast", "flax_2pass", "jnp")
 COPY = "copy"
 #: A second copy loop, identical to COPY: ``time(copy) / time(copy_twin)`` is how far apart
 #: two identical programs land in the same run (buffer placement, interference).
@@ -294,9 +295,21 @@ def _inputs(variant: Variant, shape, dtype, seed: int = 0):
     return x, dy0, params, stats
 
 
+def without_native(apply: Apply) -> Apply:
+    """``apply`` traced with normzoo's native CPU kernels off (its pure-XLA path)."""
+
+    def traced_without(*args):
+        with native.disabled():
+            return apply(*args)
+
+    return traced_without
+
+
 def implementations(variant: Variant, dtype: Any) -> dict[str, Apply]:
     return {
         "normzoo": linen_apply(make_module(normzoo, variant, dtype, True), variant),
+        "normzoo_xla": without_native(
+            linen_apply(make_module(normzoo, variant, dtype, True), variant)),
         "flax_fast": linen_apply(make_module(nn, variant, dtype, True), variant),
         "flax_2pass": linen_apply(make_module(nn, variant, dtype, False), variant),
         "jnp": jnp_apply(variant, dtype),

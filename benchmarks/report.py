@@ -15,7 +15,7 @@ from benchmarks.harness import GroupResult
 
 FLAX = ("flax_fast", "flax_2pass")
 #: Implementations shown first, in this order; any others (prototypes) follow.
-ORDER = ("normzoo", "flax_fast", "flax_2pass", "jnp")
+ORDER = ("normzoo", "normzoo_xla", "flax_fast", "flax_2pass", "jnp")
 
 
 # -------------------------------------------------------------------------- machine

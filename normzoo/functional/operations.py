@@ -36,6 +36,7 @@ from normzoo.functional.axes import (
     check_mask,
     split_groups,
 )
+from normzoo.functional import native
 from normzoo.functional.fused import normalize_affine
 from normzoo.functional.moments import moments, statistics_dtype
 
@@ -244,6 +245,7 @@ def normalize_with_statistics(
         use_fast_variance,
         statistics_dtype(x, dtype, force_float32_reductions),
         output_dtype(x, scale, bias, dtype),
+        native.available(),
     )
     if operation == "scale":
         return y, {"mean_square": second}

@@ -15,7 +15,7 @@ import pytest
 from benchmarks import cli, layers, report, whitening
 from benchmarks.harness import GroupResult, per_iteration, time_group
 
-TINY = dict(repeats=2, target_s=1e-4, min_iters=1)
+TINY = dict(repeats=2, target_s=1e-4, min_iters=2)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_layer_groups_have_every_implementation_and_a_copy(layer_results):
     keys = [(r.meta["variant"], r.meta["pass"], r.meta["dtype"]) for r in layer_results]
     assert keys == [("ln", "fwd", "bfloat16"),
                     ("bn-train", "fwd+bwd", "float32"), ("bn-eval", "fwd+bwd", "float32")]
-    assert set(layer_results[0].impls) == {"normzoo", "flax_fast", "flax_2pass", "jnp", "copy",
-                                           "copy_twin"}
+    assert set(layer_results[0].impls) == {"normzoo", "normzoo_xla", "flax_fast", "flax_2pass",
+                                           "jnp", "copy", "copy_twin"}
     assert layer_results[0].controls == ("copy_twin",)
     assert layer_results[0].control_ratio() > 0
     for r in layer_results[1:]:
@@ -114,7 +114,7 @@ def test_reports(layer_results, whitening_results):
     for heading in ("### Layers", "### Per implementation", "### Whitening", "### Issue 5 targets",
                     "- a note"):
         assert heading in text
-    assert text.count("| LayerNorm | fwd |") == 1 + 5  # timing table, a cost row per impl
+    assert text.count("| LayerNorm | fwd |") == 1 + 6  # timing table, a cost row per impl
     checks = report.targets(results)
     assert checks and all(set(c) == {"target", "row", "value", "threshold", "ok", "tie"}
                           for c in checks)
@@ -125,7 +125,7 @@ def test_reports(layer_results, whitening_results):
     group = payload["groups"][0]
     assert set(group["impls"]["normzoo"]) >= {"median_s", "times_s", "iters", "compile_s",
                                              "temp_bytes", "check_rel"}
-    assert set(group["ratios_vs_reference"]) == {"flax_fast", "flax_2pass", "jnp"}
+    assert set(group["ratios_vs_reference"]) == {"normzoo_xla", "flax_fast", "flax_2pass", "jnp"}
     assert np.isfinite(group["copy_fraction"]["normzoo"])
     md = report.results_markdown(results, meta, [], {"repeats": 2})
     assert "python -m benchmarks --quick" in md and meta["jax"] in md

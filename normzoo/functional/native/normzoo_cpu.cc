@@ -1,0 +1,412 @@
+// normzoo's CPU kernels: normalization statistics, normalization and affine in one call.
+//
+// XLA:CPU emits a reduction along the contiguous (minor) axis as a serial loop: on the
+// 2-core machines of this project a row sum of a 4096 x 1024 float32 matrix takes ~10
+// copies of it, and LayerNorm's forward ~5 (benchmarks/RESULTS.md). These kernels read
+// each row (or block of rows) into cache once, reduce it with vector instructions and
+// write the output: about the traffic of a copy.
+//
+// Two handlers, registered with XLA's FFI (normzoo/functional/native/__init__.py):
+//
+//   normzoo_row_norm:  x (R, F) -> y (R, F), mean (R), var (R)
+//     statistics of each row over its F features (LayerNorm, RMSNorm);
+//   normzoo_grouped_norm: x (B, M, C) -> y (B, M, C), mean (B, C / k), var (B, C / k)
+//     statistics per (b, group of k channels) over M x k elements (BatchNorm: B = 1,
+//     k = 1; InstanceNorm: k = 1; GroupNorm: k = C / groups).
+//
+// Both compute y = (x - mean) * (r * scale) + bias with r = 1 / sqrt(var + eps), the order
+// of flax.linen's arithmetic, scale and bias float32 vectors over the features/channels.
+// With centered = false, mean = 0 and var is the mean square (RMSNorm). Statistics are
+// float32, exact to rounding when |mean| >> std: a row is reduced twice from L1 cache
+// (mean, then squared deviations); channel statistics merge per-block (count, mean, M2)
+// with Chan, Golub & LeVeque's parallel formula. x and y are float32 or bfloat16.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using bf16_bits = uint16_t;
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const bf16_bits* p, int64_t i) {
+  uint32_t u = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(bf16_bits* p, int64_t i, float v) {
+  // Round to nearest even, as XLA's convert; NaN stays a (quiet) NaN.
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = (u >> 16) | 0x40u;
+  p[i] = bf16_bits((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+// Runs f(i) for i in [0, n) on the caller and the XLA:CPU intra-op thread pool. Items are
+// claimed from a shared counter and the caller waits for items, not for workers, so a
+// pool busy elsewhere (or of one thread, the caller's own) cannot deadlock: a worker that
+// starts late finds no items left. The state lives on the heap for such late workers.
+template <typename Pool, typename F>
+void parallel_for(Pool& pool, int64_t n, const F& f) {
+  int64_t workers = std::min<int64_t>(n, std::max<int64_t>(1, pool.num_threads()));
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+  };
+  auto state = std::make_shared<State>();
+  const F* body = &f;
+  auto drain = [state, body, n]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*body)(i);
+      state->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  // A late worker touches only `state` (shared) and `body` after checking `next`, which
+  // is exhausted by then; `body` is not called again, so its lifetime is not needed.
+  for (int64_t w = 1; w < workers; ++w) {
+    auto task = drain;
+    pool.Schedule(std::move(task));
+  }
+  drain();
+  while (state->finished.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// Vectors of kLanes floats (GCC/Clang vector extensions: the compiler picks the ISA).
+#ifndef NZ_LANES
+#define NZ_LANES 16
+#endif
+constexpr int kLanes = NZ_LANES;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint16_t vhalf __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t vword __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vfloat vload(const bf16_bits* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  vword w = __builtin_convertvector(h, vword) << 16;
+  vfloat v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stays NaN
+  vword w;
+  std::memcpy(&w, &v, sizeof w);
+  vword rounded = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
+  vword is_nan = (w & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+  vword bits = (rounded & ~is_nan) | (((w >> 16) | 0x40u) & is_nan);
+  vhalf h = __builtin_convertvector(bits, vhalf);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// y[j] = (x[j] - shift[j]) * (r * mul[j]) + bias[j] for j in [0, n): flax's order.
+// shift and mul are vectors (shift_stride 1) or shift one scalar (shift_stride 0).
+template <typename T, typename U>
+void affine_pass(const T* x, U* y, int64_t n, const float* shift, int shift_stride, float r,
+                 const float* mul, const float* bias, const T* ahead = nullptr) {
+  int64_t j = 0;
+  if (shift_stride == 0) {
+    const vfloat s = vfloat{} + shift[0];
+    for (; j + kLanes <= n; j += kLanes) {
+      if (ahead) __builtin_prefetch(ahead + j);  // the next row, while this one is written
+      vstore(y + j, (vload(x + j) - s) * (r * vload(mul + j)) + vload(bias + j));
+    }
+  } else {
+    for (; j + kLanes <= n; j += kLanes)
+      vstore(y + j, (vload(x + j) - vload(shift + j)) * (r * vload(mul + j)) + vload(bias + j));
+  }
+  for (; j < n; ++j) store(y, j, (load(x, j) - shift[j * shift_stride]) * (r * mul[j]) + bias[j]);
+}
+
+inline double hsum(vfloat v) {
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// Sum of term(v[j]) over j in [0, n): four vector accumulators (independent chains, so
+// the adds pipeline) of float lanes, each lane's total added in double per chunk: a lane
+// sums at most kChunk / (4 kLanes) terms in float.
+template <typename T, typename G>
+double vector_sum(const T* v, int64_t n, const G& term) {
+  constexpr int64_t kChunk = 512;
+  double total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    int64_t j1 = std::min(n, j0 + kChunk), j = j0;
+    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (; j + 4 * kLanes <= j1; j += 4 * kLanes) {
+      a0 += term(vload(v + j));
+      a1 += term(vload(v + j + kLanes));
+      a2 += term(vload(v + j + 2 * kLanes));
+      a3 += term(vload(v + j + 3 * kLanes));
+    }
+    for (; j + kLanes <= j1; j += kLanes) a0 += term(vload(v + j));
+    double s = hsum(a0) + hsum(a1) + hsum(a2) + hsum(a3);
+    for (; j < j1; ++j) {
+      vfloat e = {};
+      e[0] = load(v, j);
+      s += term(e)[0];
+    }
+    total += s;
+  }
+  return total;
+}
+
+template <typename Pool, typename T, typename U>
+void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
+              U* y, float* mean, float* var, int64_t rows, int64_t features, float eps,
+              bool centered) {
+  constexpr int64_t kRowsPerItem = 16;
+  const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
+  const double inv_n = 1.0 / double(features);
+  parallel_for(pool, items, [&](int64_t item) {
+    int64_t r1 = std::min(rows, (item + 1) * kRowsPerItem);
+    for (int64_t r = item * kRowsPerItem; r < r1; ++r) {
+      const T* xr = x + r * features;
+      U* yr = y + r * features;
+      float m = 0.f;
+      if (centered) m = float(vector_sum(xr, features, [](vfloat e) { return e; }) * inv_n);
+      float v = float(vector_sum(xr, features, [m](vfloat e) {
+                        e -= m;
+                        return e * e;
+                      }) * inv_n);
+      float rr = 1.f / std::sqrt(v + eps);
+      affine_pass(xr, yr, features, &m, 0, rr, scale, bias, r + 1 < rows ? xr + features : nullptr);
+      mean[r] = m;
+      var[r] = v;
+    }
+  });
+}
+
+// Column sums over rows [b0, b1) of an (M, C) slab of x - center (Squared = false) or of
+// (x - center)^2, rows in order (one sequential stream).
+template <bool Squared, typename T>
+void column_sums(const T* x, int64_t b0, int64_t b1, int64_t channels, const float* center,
+                 float* out) {
+  std::fill(out, out + channels, 0.f);
+  for (int64_t i = b0; i < b1; ++i) {
+    const T* xi = x + i * channels;
+    int64_t c = 0;
+    for (; c + kLanes <= channels; c += kLanes) {
+      vfloat e = vload(xi + c) - vload(center + c);
+      if (Squared) e *= e;
+      vstore(out + c, vload(out + c) + e);
+    }
+    for (; c < channels; ++c) {
+      float e = load(xi, c) - center[c];
+      out[c] += Squared ? e * e : e;
+    }
+  }
+}
+
+// Per-channel (count, mean, M2) of rows [m0, m1) of one (M, C) slab, merged block by block
+// with Chan et al.'s formula; each block (at most kBlock rows, in L2 cache) is summed less
+// its first row (so no float sum grows to ~kBlock |mean|), then its squared deviations from
+// its own mean are.
+template <typename T>
+void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool centered,
+                     double* count, double* mean, double* m2) {
+  constexpr int64_t kBlock = 256;
+  std::vector<float> bmean(channels, 0.f), bdev(channels);
+  for (int64_t c = 0; c < channels; ++c) count[c] = mean[c] = m2[c] = 0.0;
+  for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
+    int64_t b1 = std::min(m1, b0 + kBlock);
+    double nb = double(b1 - b0);
+    if (centered) {  // the block's mean: its first row plus the mean of x minus that row
+      const T* first = x + b0 * channels;
+      for (int64_t c = 0; c < channels; ++c) bdev[c] = load(first, c);
+      column_sums<false>(x, b0, b1, channels, bdev.data(), bmean.data());
+      for (int64_t c = 0; c < channels; ++c) bmean[c] = float(bdev[c] + bmean[c] / nb);
+    }
+    column_sums<true>(x, b0, b1, channels, bmean.data(), bdev.data());
+    for (int64_t c = 0; c < channels; ++c) {
+      double n_old = count[c], n_new = n_old + nb;
+      double delta = double(bmean[c]) - mean[c];
+      mean[c] += delta * nb / n_new;
+      m2[c] += double(bdev[c]) + delta * delta * n_old * nb / n_new;
+      count[c] = n_new;
+    }
+  }
+}
+
+// Merges (count, mean, M2) of `parts` partial sets, each of `channels` entries at stride
+// `channels`, into out_* (per group of k consecutive channels).
+inline void merge_moments(const double* count, const double* mean, const double* m2,
+                          int64_t parts, int64_t channels, int64_t k, double* out_count,
+                          double* out_mean, double* out_m2) {
+  for (int64_t g = 0; g < channels / k; ++g) {
+    double n = 0.0, mu = 0.0, q = 0.0;
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t c = g * k; c < (g + 1) * k; ++c) {
+        int64_t at = p * channels + c;
+        double nb = count[at];
+        if (nb == 0.0) continue;
+        double n_new = n + nb, delta = mean[at] - mu;
+        mu += delta * nb / n_new;
+        q += m2[at] + delta * delta * n * nb / n_new;
+        n = n_new;
+      }
+    }
+    out_count[g] = n;
+    out_mean[g] = mu;
+    out_m2[g] = q;
+  }
+}
+
+template <typename T, typename U>
+void normalize_rows(const T* x, U* y, int64_t m0, int64_t m1, int64_t channels,
+                    const float* shift, const float* mul, const float* bias) {
+  for (int64_t i = m0; i < m1; ++i) {
+    const T* xi = x + i * channels;
+    U* yi = y + i * channels;
+    affine_pass(xi, yi, channels, shift, 1, 1.f, mul, bias);
+  }
+}
+
+template <typename Pool, typename T, typename U>
+void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
+                  U* y, float* mean_out, float* var_out, int64_t batch, int64_t m,
+                  int64_t channels, int64_t k, float eps, bool centered) {
+  const int64_t groups = channels / k;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Slabs of at least ~64 KiB per item, enough items for every thread.
+  const int64_t row_bytes = channels * int64_t(sizeof(T));
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(
+      (2 * threads + batch - 1) / batch, m * row_bytes / (64 << 10)));
+  chunks = std::min(chunks, m);
+  const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
+  chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t items = batch * chunks;
+  std::vector<double> count(items * channels), mean(items * channels), m2(items * channels);
+  parallel_for(pool, items, [&](int64_t item) {
+    int64_t b = item / chunks, chunk = item % chunks;
+    int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
+    channel_moments(x + b * m * channels, m0, m1, channels, centered,
+                    &count[item * channels], &mean[item * channels], &m2[item * channels]);
+  });
+  std::vector<float> shift(batch * channels), mul(batch * channels);
+  std::vector<double> gn(groups), gmean(groups), gm2(groups);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t at = b * chunks * channels;
+    merge_moments(&count[at], &mean[at], &m2[at], chunks, channels, k, gn.data(),
+                  gmean.data(), gm2.data());
+    for (int64_t g = 0; g < groups; ++g) {
+      float mu = centered ? float(gmean[g]) : 0.f;
+      // Without centering, M2 about the mean plus n * mean^2 is the sum of squares.
+      double sq = centered ? gm2[g] : gm2[g] + gn[g] * gmean[g] * gmean[g];
+      float v = float(sq / gn[g]);
+      float rr = 1.f / std::sqrt(v + eps);
+      mean_out[b * groups + g] = mu;
+      var_out[b * groups + g] = v;
+      for (int64_t c = g * k; c < (g + 1) * k; ++c) {
+        shift[b * channels + c] = mu;
+        mul[b * channels + c] = rr * scale[c];
+      }
+    }
+  }
+  parallel_for(pool, items, [&](int64_t item) {
+    int64_t b = item / chunks, chunk = item % chunks;
+    int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
+    normalize_rows(x + b * m * channels, y + b * m * channels, m0, m1, channels,
+                   &shift[b * channels], &mul[b * channels], bias);
+  });
+}
+
+// Calls f with x's and y's element pointers typed (float or bf16 bits).
+template <typename F>
+ffi::Error dispatch(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer>& y, const F& f) {
+  auto xt = x.element_type(), yt = y->element_type();
+  void* yp = y->untyped_data();
+  const void* xp = x.untyped_data();
+  if (xt == ffi::F32 && yt == ffi::F32) return f((const float*)xp, (float*)yp);
+  if (xt == ffi::F32 && yt == ffi::BF16) return f((const float*)xp, (bf16_bits*)yp);
+  if (xt == ffi::BF16 && yt == ffi::F32) return f((const bf16_bits*)xp, (float*)yp);
+  if (xt == ffi::BF16 && yt == ffi::BF16) return f((const bf16_bits*)xp, (bf16_bits*)yp);
+  return ffi::Error::InvalidArgument("normzoo native kernels take float32 or bfloat16 x and y");
+}
+
+ffi::Error RowNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                       ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon, bool centered) {
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("normzoo_row_norm: x must be 2-D");
+  int64_t rows = dims[0], features = dims[1];
+  if (scale.element_count() != size_t(features) || bias.element_count() != size_t(features))
+    return ffi::Error::InvalidArgument("normzoo_row_norm: scale and bias need F entries");
+  return dispatch(x, y, [&](auto* xp, auto* yp) {
+    row_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp, mean->typed_data(),
+             var->typed_data(), rows, features, epsilon, centered);
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error GroupedNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::Buffer<ffi::F32>> mean,
+                           ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon,
+                           bool centered, int64_t group_size) {
+  auto dims = x.dimensions();
+  if (dims.size() != 3)
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm: x must be 3-D (B, M, C)");
+  int64_t batch = dims[0], m = dims[1], channels = dims[2];
+  if (group_size < 1 || channels % group_size != 0)
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm: group_size must divide C");
+  if (scale.element_count() != size_t(channels) || bias.element_count() != size_t(channels))
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm: scale and bias need C entries");
+  if (m == 0) return ffi::Error::InvalidArgument("normzoo_grouped_norm: M must be > 0");
+  return dispatch(x, y, [&](auto* xp, auto* yp) {
+    grouped_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp, mean->typed_data(),
+                 var->typed_data(), batch, m, channels, group_size, epsilon, centered);
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNorm, RowNormImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("centered"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNorm, GroupedNormImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<bool>("centered")
+                                  .Attr<int64_t>("group_size"));

@@ -1,0 +1,205 @@
+"""The native CPU kernels (normzoo.functional.native) against float64 numpy, against the
+pure-XLA path through every layer, and their build and fallback."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normzoo
+from normzoo.functional import native
+
+if native._compiler() is None:  # pragma: no cover - every CI machine has g++
+    pytest.skip("no C++ compiler on this machine: the XLA path serves", allow_module_level=True)
+
+
+def test_kernels_build_and_register_here():
+    assert native.available(), native.failure()
+    assert native.library_path().exists()
+
+
+def _np_rows(x, scale, bias, eps, centered):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(-1, keepdims=True) if centered else np.zeros_like(x[:, :1])
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps) * scale + bias
+    return y, mean[:, 0], var[:, 0]
+
+
+def _np_grouped(x, scale, bias, k, eps, centered):
+    x = np.asarray(x, np.float64)
+    b, m, c = x.shape
+    g = x.reshape(b, m, c // k, k)
+    mean = g.mean((1, 3), keepdims=True) if centered else np.zeros((b, 1, c // k, 1))
+    var = ((g - mean) ** 2).mean((1, 3), keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+    return y, mean.reshape(b, c // k), var.reshape(b, c // k)
+
+
+def _params(rng, n):
+    return (jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32),
+            jnp.asarray(rng.standard_normal(n), jnp.float32))
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("loc", [0.3, 1e4])
+@pytest.mark.parametrize("rows,features", [(1, 5), (37, 16), (300, 1000), (3, 2051)])
+def test_rows_match_float64(rows, features, loc, centered):
+    # F below, at and off a multiple of the 16 vector lanes (the scalar tail); enough rows
+    # to split over threads; |mean| >> std, where E[x^2] - E[x]^2 would cancel.
+    rng = np.random.default_rng(rows + features)
+    x = jnp.asarray(loc + rng.standard_normal((rows, features)), jnp.float32)
+    scale, bias = _params(rng, features)
+    y, mean, var = jax.jit(lambda x: native.row_normalize(
+        x, scale, bias, epsilon=1e-6, centered=centered, out_dtype=jnp.float32))(x)
+    ey, emean, evar = _np_rows(x, np.asarray(scale), np.asarray(bias), 1e-6, centered)
+    # At 1e4 float32 holds x - mean to ~1e-3 absolute: that bounds y, not the kernel.
+    tol = 2e-5 if loc < 1 or not centered else 2e-3
+    np.testing.assert_allclose(y, ey, rtol=tol, atol=tol)
+    np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-5)  # std 1-2: 1e-5 of it
+    np.testing.assert_allclose(var, evar, rtol=1e-4 if centered else 1e-6)
+
+
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("loc", [0.3, 1e4])
+@pytest.mark.parametrize("batch,m,channels,k", [
+    (1, 700, 128, 1),   # BatchNorm: blocks of 256 rows and a partial one, chunks over threads
+    (5, 33, 12, 1),     # InstanceNorm, C off the vector width
+    (4, 20, 40, 8),     # GroupNorm, 5 groups of 8
+    (2, 1, 3, 3),       # one row, one group
+])
+def test_grouped_match_float64(batch, m, channels, k, loc, centered):
+    rng = np.random.default_rng(batch * m + channels)
+    x = jnp.asarray(loc + 2.0 * rng.standard_normal((batch, m, channels)), jnp.float32)
+    scale, bias = _params(rng, channels)
+    y, mean, var = jax.jit(lambda x: native.grouped_normalize(
+        x, scale, bias, group_size=k, epsilon=1e-5, centered=centered,
+        out_dtype=jnp.float32))(x)
+    ey, emean, evar = _np_grouped(x, np.asarray(scale), np.asarray(bias), k, 1e-5, centered)
+    tol = 2e-5 if loc < 1 or not centered else 2e-3
+    np.testing.assert_allclose(y, ey, rtol=tol, atol=tol)
+    np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-5)  # std 1-2: 1e-5 of it
+    np.testing.assert_allclose(var, evar, rtol=1e-4 if centered else 1e-6)
+
+
+@pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["row", "grouped"])
+def test_bfloat16_in_and_out(kind, out):
+    # bfloat16 x is widened exactly; a bfloat16 y is rounded to nearest even (as XLA's
+    # convert): compare with float64 rounded the same way by ml_dtypes.
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(1.0 + rng.standard_normal((6, 40, 24)), jnp.bfloat16)
+    scale, bias = _params(rng, 24)
+    if kind == "row":
+        x = x.reshape(-1, 24)
+        y, _, _ = native.row_normalize(x, scale, bias, epsilon=1e-6, centered=True, out_dtype=out)
+        expected, _, _ = _np_rows(x.astype(jnp.float32), np.asarray(scale), np.asarray(bias),
+                                  1e-6, True)
+    else:
+        y, _, _ = native.grouped_normalize(x, scale, bias, group_size=4, epsilon=1e-6,
+                                           centered=True, out_dtype=out)
+        expected, _, _ = _np_grouped(x.astype(jnp.float32), np.asarray(scale),
+                                     np.asarray(bias), 4, 1e-6, True)
+    assert y.dtype == out
+    rounded = np.asarray(jnp.asarray(expected, jnp.float32).astype(out), np.float64)
+    ulp = 2.0 ** -7 if out == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(y, np.float64), rounded,
+                               atol=ulp * np.abs(rounded).max())
+
+
+@pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16])
+def test_non_finite_rows_stay_non_finite(out):
+    x = jnp.ones((4, 33), jnp.float32).at[1, 32].set(jnp.nan).at[2, 3].set(jnp.inf)
+    x = x.at[0].set(jnp.arange(33.0))
+    y, mean, _ = native.row_normalize(x, jnp.ones(33), jnp.zeros(33), epsilon=1e-6,
+                                      centered=True, out_dtype=out)
+    y = np.asarray(y, np.float32)
+    assert np.isnan(y[1]).all() and np.isnan(mean[1])
+    assert not np.isfinite(y[2]).any()
+    assert np.isfinite(y[0]).all() and np.isfinite(y[3]).all()
+
+
+LAYERS = {
+    "LayerNorm": dict(),
+    "LayerNorm_2axes": dict(reduction_axes=(2, 3), feature_axes=(2, 3)),
+    "RMSNorm": dict(),
+    "BatchNorm": dict(use_running_average=False),
+    "GroupNorm": dict(num_groups=4),
+    "InstanceNorm": dict(),
+}
+
+
+def _layer(name, dtype):
+    kwargs = dict(LAYERS[name])
+    return getattr(normzoo, name.split("_")[0])(dtype=dtype, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layers_native_and_xla_agree(name, dtype):
+    # The same layer traced with the kernels on and off: every output, the running
+    # statistics included, to rounding; and the native call is really in the program where
+    # fused.NATIVE_PLAN lists the layout and dtype.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(5.0 + rng.standard_normal((4, 6, 5, 16)), jnp.float32).astype(dtype)
+    layer = _layer(name, dtype)
+    variables = layer.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
+                             variables)
+
+    def run(v, x):
+        return layer.apply(v, x, mutable=["batch_stats"])
+
+    with_native = jax.jit(run)
+    lowered = with_native.lower(variables, x).as_text()
+    with native.disabled():
+        xla = jax.jit(lambda v, x: run(v, x))
+        assert "normzoo_" not in xla.lower(variables, x).as_text()
+        expected = xla(variables, x)
+    got = with_native(variables, x)
+    tol = 2e-5 if dtype == jnp.float32 else 2 ** -7 * 8
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
+                                   rtol=tol, atol=tol)
+    kind = "grouped" if name in ("BatchNorm", "GroupNorm", "InstanceNorm") else "row"
+    from normzoo.functional.fused import NATIVE_PLAN
+    assert ("normzoo_" in lowered) == ((kind, jnp.dtype(dtype).name) in NATIVE_PLAN)
+
+
+def test_layer_under_vmap_grad_and_forward_mode():
+    # vmap runs the kernel once per member; derivatives use the XLA linearization, so
+    # grad, jvp and second derivatives are those of the pure-XLA path.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((3, 8, 40)), jnp.float32)
+    layer = nn.LayerNorm()
+    ours = normzoo.LayerNorm()
+    v = layer.init(jax.random.key(0), x[0])
+    per_member = jnp.stack([ours.apply(v, m) for m in x])
+    np.testing.assert_allclose(jax.vmap(lambda m: ours.apply(v, m))(x), per_member,
+                               rtol=1e-6, atol=1e-6)
+    loss = lambda mod: lambda x: jnp.sum(jnp.sin(mod.apply(v, x)))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss(ours))(x[0]), jax.grad(loss(layer))(x[0]),
+                               rtol=2e-5, atol=2e-5)
+    small = x[0, :2, :5]
+    v = layer.init(jax.random.key(0), small)
+    hessian = lambda mod: jax.hessian(  # noqa: E731
+        lambda x: jnp.sum(jnp.sin(mod.apply(v, x.reshape(2, 5)))))(small.reshape(-1))
+    np.testing.assert_allclose(hessian(ours), hessian(layer), rtol=1e-3, atol=1e-4)
+
+
+def test_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setenv("NORMZOO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_compiler", lambda: str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
+        assert not native.available()
+    assert "no-such-compiler" in native.failure()
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_switches():
+    with native.disabled():
+        assert not native.available()
+    assert native.available()
