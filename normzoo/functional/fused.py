@@ -295,10 +295,10 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
 
 #: (kernel, x dtype) pairs where the native CPU kernels beat this module's XLA forward
 #: pass, measured side by side (``python -m benchmarks --passes fwd``, 2-core CPU, time
-#: of the XLA path / time of the kernel): row float32 LN 1.10, RMS 3.77; grouped bfloat16
-#: BN 1.27, GN 2.53, IN 1.36. Left out, slower than XLA there: row bfloat16 (LN 0.97,
-#: RMS 0.66) and grouped float32 (BN 0.45, GN 1.09, IN 0.76).
-NATIVE_PLAN = {("row", "float32"), ("grouped", "bfloat16")}
+#: of the XLA path / time of the kernel): row float32 LN 1.23, RMS 4.60; grouped float32
+#: BN 1.27, GN 3.51, IN 1.91; grouped bfloat16 BN 2.16, GN 4.35, IN 2.72. Left out: row
+#: bfloat16, slower than XLA (LN 0.94, RMS 0.70).
+NATIVE_PLAN = {("row", "float32"), ("grouped", "float32"), ("grouped", "bfloat16")}
 
 
 def _native_forward(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype):
@@ -331,7 +331,11 @@ def _native_forward(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, o
         return None
     if (kind, x.dtype.name) not in NATIVE_PLAN or not params_constant_before(param_axis):
         return None
-    lead, inner = math.prod(shape[:first]), math.prod(shape[first:stop])
+    # Inside shard_map the results vary along x's mesh axes: params must not vary further.
+    if any(p is not None and not native.varying_axes(p) <= native.varying_axes(x)
+           for p in (scale_b, bias_b)):
+        return None
+    lead = math.prod(shape[:first])
     features = math.prod(shape[param_axis:])
     param_shape = (1,) * param_axis + tuple(shape[param_axis:])
 
@@ -345,15 +349,13 @@ def _native_forward(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, o
         stat_shape[layout.group_axis] //= layout.k
 
     def run(x, scale_b, bias_b):
-        options = dict(epsilon=epsilon, centered=centered, out_dtype=out_dtype)
+        options = dict(epsilon=epsilon, centered=centered, out_dtype=out_dtype,
+                       stat_shape=tuple(stat_shape))
+        scale_v, bias_v = vector(scale_b, 1.0), vector(bias_b, 0.0)
         if kind == "row":
-            y, mean, var = native.row_normalize(
-                x.reshape(lead, features), vector(scale_b, 1.0), vector(bias_b, 0.0), **options)
-        else:
-            y, mean, var = native.grouped_normalize(
-                x.reshape(lead, inner, features), vector(scale_b, 1.0), vector(bias_b, 0.0),
-                group_size=layout.k, **options)
-        return y.reshape(shape), mean.reshape(stat_shape), var.reshape(stat_shape)
+            return native.row_normalize(x, scale_v, bias_v, features=features, **options)
+        return native.grouped_normalize(x, scale_v, bias_v, group_size=layout.k, batch=lead,
+                                        channels=features, **options)
 
     return run
 
@@ -390,6 +392,19 @@ def normalize_affine(
       removed (the group axis, if any, of size ``num_groups``).
     """
     layout = _Layout(x.shape, axes, group_axis, num_groups)
+    y, mean, var = _statistics_and_output(
+        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
+        use_native,
+    )
+    return y, layout.squeeze(mean), layout.squeeze(var)
+
+
+def _statistics_and_output(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance,
+                           stat_dtype, out_dtype, use_native):
+    """``(y, mean, var)`` (stat form): on CPU from a native kernel where one applies, else XLA.
+
+    Only the undifferentiated call comes here: derivatives go through the linearization.
+    """
 
     def with_xla(x, scale_b, bias_b):
         y, mean, var, *_ = _forward(
@@ -398,14 +413,11 @@ def normalize_affine(
         )
         return y, mean, var
 
-    with_native = use_native and _native_forward(
+    kernel = use_native and _native_forward(
         x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
-    if with_native:
-        y, mean, var = lax.platform_dependent(
-            x, scale_b, bias_b, cpu=with_native, default=with_xla)
-    else:
-        y, mean, var = with_xla(x, scale_b, bias_b)
-    return y, layout.squeeze(mean), layout.squeeze(var)
+    if not kernel:
+        return with_xla(x, scale_b, bias_b)
+    return lax.platform_dependent(x, scale_b, bias_b, cpu=kernel, default=with_xla)
 
 
 @normalize_affine.defjvp
@@ -421,6 +433,10 @@ def _normalize_affine_jvp(
     x, scale_b, bias_b = primals
     dx, dscale, dbias = tangents
     layout = _Layout(x.shape, axes, group_axis, num_groups)
+    # The XLA forward even on CPU: with the native kernels for this primal, training steps
+    # were slower where XLA fuses the forward into the backward's kernels (time of the XLA
+    # path / with kernels: BN 0.73, LN 0.86, IN 0.88, RMS 0.69 float32; GN 1.16, within the
+    # run's noise).
     y, mean, var, r, mean_c, r_c = _forward(
         x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
         differentiated=True,

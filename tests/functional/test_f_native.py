@@ -203,3 +203,29 @@ def test_switches():
     with native.disabled():
         assert not native.available()
     assert native.available()
+
+
+def test_batch_sharded_jit_and_shard_map():
+    # A custom call has no partitioning rule: under jit with a sharded x XLA gathers it and
+    # runs the kernel whole (correct, not parallel); under shard_map each device runs it on
+    # its own rows. Both equal the unsharded layer.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 2:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count (conftest)")
+    devices = np.array(jax.devices()[:2])
+    mesh = Mesh(devices, ("data",))
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((8, 6, 40)), jnp.float32)
+    layer = normzoo.LayerNorm()
+    v = layer.init(jax.random.key(0), x)
+    expected = layer.apply(v, x)
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+    np.testing.assert_allclose(jax.jit(layer.apply)(v, sharded), expected, rtol=1e-6, atol=1e-6)
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # older jax
+        from jax.experimental.shard_map import shard_map
+    local = shard_map(lambda x: layer.apply(v, x), mesh=mesh, in_specs=P("data"),
+                      out_specs=P("data"))
+    assert "normzoo_row_norm" in jax.jit(local).lower(sharded).as_text()
+    np.testing.assert_allclose(jax.jit(local)(sharded), expected, rtol=1e-6, atol=1e-6)

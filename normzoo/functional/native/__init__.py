@@ -3,9 +3,9 @@
 XLA:CPU emits a reduction along the contiguous axis of an array as a slow serial loop
 (a row sum of a 4096 x 1024 float32 matrix: ~10 copies of it on this project's 2-core
 machines), so LayerNorm's and RMSNorm's forward pass cost 4-6 copies in flax and in the
-pure-XLA path. ``normzoo_cpu.cc`` holds two kernels that read each row (or block of rows)
-into cache once, reduce it with vector instructions on XLA's own intra-op thread pool and
-write the output:
+pure-XLA path, and the channel reductions of BatchNorm, InstanceNorm and GroupNorm are
+slow too. ``normzoo_cpu.cc`` holds two kernels that reduce with vector instructions on
+XLA's own intra-op thread pool and write the output in the same call:
 
 * :func:`row_normalize`: ``x (R, F)``, statistics of each row over its ``F`` features
   (LayerNorm, RMSNorm);
@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -177,43 +178,100 @@ def disabled() -> Iterator[None]:
         _switched_off = before
 
 
+def manual_axes(v: Array) -> Any:
+    """The mesh axes ``v`` varies along inside ``shard_map`` (None outside, or on old jax)."""
+    aval = jax.typeof(v) if hasattr(jax, "typeof") else None
+    return getattr(aval, "mat", getattr(aval, "vma", None))
+
+
+def varying_axes(v: Array) -> frozenset:
+    """The names of the ``shard_map`` mesh axes ``v`` varies along (empty outside)."""
+    axes = manual_axes(v)
+    return frozenset(getattr(axes, "varying", axes) or ())
+
+
+def _result_like(x: Array, shape, dtype) -> jax.ShapeDtypeStruct:
+    """A result aval that varies along the same ``shard_map`` axes as ``x``."""
+    if not varying_axes(x):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(x)
+    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    for keyword in ("manual_axis_type", "vma"):  # its name in jax >= 0.9, and before
+        try:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding,
+                                        **{keyword: manual_axes(x)})
+        except TypeError:
+            continue
+    raise NotImplementedError(f"cannot type a result inside shard_map on jax {jax.__version__}")
+
+
 def _call(target: str, x: Array, scale: Array, bias: Array, stat_shape: tuple[int, ...],
           out_dtype, **attributes) -> tuple[Array, Array, Array]:
     if not _load():
         raise RuntimeError(f"normzoo native CPU kernels unavailable: {_failure}")
-    results = (
-        jax.ShapeDtypeStruct(x.shape, out_dtype),
-        jax.ShapeDtypeStruct(stat_shape, jnp.float32),
-        jax.ShapeDtypeStruct(stat_shape, jnp.float32),
-    )
+    results = (_result_like(x, x.shape, out_dtype), _result_like(x, stat_shape, jnp.float32),
+               _result_like(x, stat_shape, jnp.float32))
     # y over x when they match: XLA then writes in place where x is dead (the common case:
-    # the output of the layer before), and copies x first where it is still needed.
+    # the output of the layer before), and copies x first where it is still needed. x keeps
+    # its shape (the kernels read flat buffers): XLA copies a reshaped operand that aliases.
     aliases = {0: 0} if jnp.dtype(out_dtype) == x.dtype else None
     call = jax.ffi.ffi_call(target, results, vmap_method="sequential",
                             input_output_aliases=aliases)
     return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), **attributes)
 
 
+def _check_view(x: Array, stat_shape, count: int, what: str) -> None:
+    if math.prod(stat_shape) != count:
+        raise ValueError(f"stat_shape {tuple(stat_shape)} must hold {count} values ({what}) "
+                         f"for x of shape {x.shape}")
+
+
 def row_normalize(x: Array, scale: Array, bias: Array, *, epsilon: float, centered: bool,
-                  out_dtype) -> tuple[Array, Array, Array]:
-    """``x (R, F)`` -> ``y (R, F)`` in ``out_dtype``, ``mean (R,)``, ``var (R,)`` float32.
+                  out_dtype, features: int | None = None,
+                  stat_shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
+    """Rows of ``F = features`` contiguous elements (default: x's last axis): ``x`` (any shape
+    of ``R * F`` elements) -> ``y`` (x's shape, ``out_dtype``), ``mean``, ``var`` (float32,
+    ``stat_shape`` of ``R`` elements; default ``(R,)``).
 
     Per row: ``mean = E[x]`` (0 when not ``centered``), ``var = E[(x - mean)^2]`` and
     ``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias``; ``scale, bias (F,)``.
     """
-    rows, _ = x.shape
-    return _call("normzoo_row_norm", x, scale, bias, (rows,), out_dtype,
-                 epsilon=np.float32(epsilon), centered=bool(centered))
+    features = x.shape[-1] if features is None else int(features)
+    if features < 1 or x.size % features:
+        raise ValueError(f"features={features} must divide x's size {x.size} (shape {x.shape})")
+    rows = x.size // features
+    stat_shape = (rows,) if stat_shape is None else tuple(stat_shape)
+    _check_view(x, stat_shape, rows, "one per row")
+    return _call("normzoo_row_norm", x, scale, bias, stat_shape, out_dtype,
+                 epsilon=np.float32(epsilon), centered=bool(centered),
+                 features=np.int64(features))
 
 
 def grouped_normalize(x: Array, scale: Array, bias: Array, *, group_size: int, epsilon: float,
-                      centered: bool, out_dtype) -> tuple[Array, Array, Array]:
-    """``x (B, M, C)`` -> ``y (B, M, C)``, ``mean, var (B, C / group_size)`` float32.
+                      centered: bool, out_dtype, batch: int | None = None,
+                      channels: int | None = None,
+                      stat_shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
+    """``x`` read as ``(B, M, C)`` (default: x's own three axes) -> ``y`` (x's shape),
+    ``mean, var`` (float32, ``stat_shape`` of ``B * C / group_size`` elements; default
+    ``(B, C / group_size)``).
 
     Statistics per ``b`` and group of ``group_size`` consecutive channels over the ``M``
     rows; ``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias``; ``scale, bias (C,)``.
     """
-    batch, _, channels = x.shape
-    return _call("normzoo_grouped_norm", x, scale, bias, (batch, channels // group_size),
-                 out_dtype, epsilon=np.float32(epsilon), centered=bool(centered),
-                 group_size=np.int64(group_size))
+    if batch is None or channels is None:
+        if x.ndim != 3:
+            raise ValueError(f"x of shape {x.shape}: give batch and channels, or a (B, M, C) x")
+        batch, _, channels = x.shape
+    batch, channels, group_size = int(batch), int(channels), int(group_size)
+    if batch < 1 or channels < 1 or x.size == 0 or x.size % (batch * channels):
+        raise ValueError(f"batch={batch} and channels={channels} must divide x's size "
+                         f"{x.size} (shape {x.shape})")
+    if group_size < 1 or channels % group_size:
+        raise ValueError(f"group_size={group_size} must divide channels={channels}")
+    groups = batch * (channels // group_size)
+    stat_shape = (batch, channels // group_size) if stat_shape is None else tuple(stat_shape)
+    _check_view(x, stat_shape, groups, "one per batch entry and group")
+    return _call("normzoo_grouped_norm", x, scale, bias, stat_shape, out_dtype,
+                 epsilon=np.float32(epsilon), centered=bool(centered),
+                 group_size=np.int64(group_size), batch=np.int64(batch),
+                 channels=np.int64(channels))

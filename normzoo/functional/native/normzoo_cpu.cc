@@ -2,15 +2,19 @@
 //
 // XLA:CPU emits a reduction along the contiguous (minor) axis as a serial loop: on the
 // 2-core machines of this project a row sum of a 4096 x 1024 float32 matrix takes ~10
-// copies of it, and LayerNorm's forward ~5 (benchmarks/RESULTS.md). These kernels read
-// each row (or block of rows) into cache once, reduce it with vector instructions and
-// write the output: about the traffic of a copy.
+// copies of it, and LayerNorm's forward ~5 (benchmarks/RESULTS.md). These kernels reduce
+// with vector instructions on XLA's intra-op thread pool: the row kernel reads each row
+// from memory once (its two reductions and the output run from L1 cache), the grouped one
+// reads x twice (the channel moments, then the output; for InstanceNorm and GroupNorm one
+// sample's slab is often still in L2 cache the second time).
 //
-// Two handlers, registered with XLA's FFI (normzoo/functional/native/__init__.py):
+// Two handlers, registered with XLA's FFI (normzoo/functional/native/__init__.py). Their
+// buffers are read flat, whatever their shape; attributes give the view:
 //
-//   normzoo_row_norm:  x (R, F) -> y (R, F), mean (R), var (R)
+//   normzoo_row_norm (features = F):  x (R, F) -> y (R, F), mean (R), var (R)
 //     statistics of each row over its F features (LayerNorm, RMSNorm);
-//   normzoo_grouped_norm: x (B, M, C) -> y (B, M, C), mean (B, C / k), var (B, C / k)
+//   normzoo_grouped_norm (batch = B, channels = C, group_size = k):
+//     x (B, M, C) -> y (B, M, C), mean (B, C / k), var (B, C / k)
 //     statistics per (b, group of k channels) over M x k elements (BatchNorm: B = 1,
 //     k = 1; InstanceNorm: k = 1; GroupNorm: k = C / groups).
 //
@@ -18,8 +22,9 @@
 // of flax.linen's arithmetic, scale and bias float32 vectors over the features/channels.
 // With centered = false, mean = 0 and var is the mean square (RMSNorm). Statistics are
 // float32, exact to rounding when |mean| >> std: a row is reduced twice from L1 cache
-// (mean, then squared deviations); channel statistics merge per-block (count, mean, M2)
-// with Chan, Golub & LeVeque's parallel formula. x and y are float32 or bfloat16.
+// (mean, then squared deviations), lane sums added in double; channel moments of blocks of
+// rows (summed less their first row, then their squared deviations) merge with Chan, Golub
+// & LeVeque's parallel formula in double. x and y are float32 or bfloat16.
 
 #include <algorithm>
 #include <atomic>
@@ -347,66 +352,72 @@ ffi::Error dispatch(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer>& y, const F& f
   return ffi::Error::InvalidArgument("normzoo native kernels take float32 or bfloat16 x and y");
 }
 
+// x, y and the statistics are read as flat buffers of any shape (no reshape in the caller:
+// XLA copies a reshaped operand that aliases an output); the attributes give the view.
 ffi::Error RowNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
-                       ffi::Result<ffi::Buffer<ffi::F32>> mean,
-                       ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon, bool centered) {
-  auto dims = x.dimensions();
-  if (dims.size() != 2) return ffi::Error::InvalidArgument("normzoo_row_norm: x must be 2-D");
-  int64_t rows = dims[0], features = dims[1];
+                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                       float epsilon, bool centered, int64_t features) {
+  int64_t size = int64_t(x.element_count());
+  if (features < 1 || size % features != 0)
+    return ffi::Error::InvalidArgument("normzoo_row_norm: features must divide x's size");
+  int64_t rows = size / features;
   if (scale.element_count() != size_t(features) || bias.element_count() != size_t(features))
     return ffi::Error::InvalidArgument("normzoo_row_norm: scale and bias need F entries");
+  if (mean->element_count() != size_t(rows) || var->element_count() != size_t(rows) ||
+      mean->element_type() != ffi::F32 || var->element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("normzoo_row_norm: mean and var need R float32 entries");
   return dispatch(x, y, [&](auto* xp, auto* yp) {
-    row_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp, mean->typed_data(),
-             var->typed_data(), rows, features, epsilon, centered);
+    row_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp,
+             static_cast<float*>(mean->untyped_data()), static_cast<float*>(var->untyped_data()),
+             rows, features, epsilon, centered);
     return ffi::Error::Success();
   });
 }
 
 ffi::Error GroupedNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                            ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
-                           ffi::Result<ffi::Buffer<ffi::F32>> mean,
-                           ffi::Result<ffi::Buffer<ffi::F32>> var, float epsilon,
-                           bool centered, int64_t group_size) {
-  auto dims = x.dimensions();
-  if (dims.size() != 3)
-    return ffi::Error::InvalidArgument("normzoo_grouped_norm: x must be 3-D (B, M, C)");
-  int64_t batch = dims[0], m = dims[1], channels = dims[2];
+                           ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                           float epsilon, bool centered, int64_t group_size, int64_t batch,
+                           int64_t channels) {
+  int64_t size = int64_t(x.element_count());
+  if (batch < 1 || channels < 1 || size == 0 || size % (batch * channels) != 0)
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm: x is not (B, M, C) for B, C given");
+  int64_t m = size / (batch * channels);
   if (group_size < 1 || channels % group_size != 0)
     return ffi::Error::InvalidArgument("normzoo_grouped_norm: group_size must divide C");
   if (scale.element_count() != size_t(channels) || bias.element_count() != size_t(channels))
     return ffi::Error::InvalidArgument("normzoo_grouped_norm: scale and bias need C entries");
-  if (m == 0) return ffi::Error::InvalidArgument("normzoo_grouped_norm: M must be > 0");
+  size_t stats = size_t(batch * (channels / group_size));
+  if (mean->element_count() != stats || var->element_count() != stats ||
+      mean->element_type() != ffi::F32 || var->element_type() != ffi::F32)
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm: mean and var need B * C / k floats");
   return dispatch(x, y, [&](auto* xp, auto* yp) {
-    grouped_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp, mean->typed_data(),
-                 var->typed_data(), batch, m, channels, group_size, epsilon, centered);
+    grouped_norm(pool, xp, scale.typed_data(), bias.typed_data(), yp,
+                 static_cast<float*>(mean->untyped_data()), static_cast<float*>(var->untyped_data()),
+                 batch, m, channels, group_size, epsilon, centered);
     return ffi::Error::Success();
   });
 }
 
 }  // namespace
 
+#define NORMZOO_BIND_NORM                  \
+  ffi::Ffi::Bind()                         \
+      .Ctx<ffi::ThreadPool>()              \
+      .Arg<ffi::AnyBuffer>()               \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Ret<ffi::AnyBuffer>()               \
+      .Ret<ffi::AnyBuffer>()               \
+      .Ret<ffi::AnyBuffer>()               \
+      .Attr<float>("epsilon")              \
+      .Attr<bool>("centered")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNorm, RowNormImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<bool>("centered"));
+                              NORMZOO_BIND_NORM.Attr<int64_t>("features"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNorm, GroupedNormImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("epsilon")
-                                  .Attr<bool>("centered")
-                                  .Attr<int64_t>("group_size"));
+                              NORMZOO_BIND_NORM.Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("channels"));
