@@ -35,6 +35,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -117,6 +121,10 @@ inline vfloat vload(const bf16_bits* p) {
 }
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stays NaN
+#if defined(__AVX512BF16__) && NZ_LANES == 16
+  __m256bh packed = _mm512_cvtneps_pbh(__m512(v));  // one instruction, the same rounding
+  std::memcpy(p, &packed, sizeof packed);
+#else
   vword w;
   std::memcpy(&w, &v, sizeof w);
   vword rounded = (w + 0x7fffu + ((w >> 16) & 1u)) >> 16;
@@ -124,6 +132,7 @@ inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stay
   vword bits = (rounded & ~is_nan) | (((w >> 16) | 0x40u) & is_nan);
   vhalf h = __builtin_convertvector(bits, vhalf);
   std::memcpy(p, &h, sizeof h);
+#endif
 }
 
 // y[j] = (x[j] - shift[j]) * (r * mul[j]) + bias[j] for j in [0, n): flax's order.
@@ -152,11 +161,11 @@ inline double hsum(vfloat v) {
 }
 
 // Sum of term(v[j]) over j in [0, n): four vector accumulators (independent chains, so
-// the adds pipeline) of float lanes, each lane's total added in double per chunk: a lane
-// sums at most kChunk / (4 kLanes) terms in float.
+// the adds pipeline) of float lanes, the lanes' totals added in double per chunk: a lane
+// sums at most kChunk / kLanes = 128 terms in float.
 template <typename T, typename G>
 double vector_sum(const T* v, int64_t n, const G& term) {
-  constexpr int64_t kChunk = 512;
+  constexpr int64_t kChunk = 2048;
   double total = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     int64_t j1 = std::min(n, j0 + kChunk), j = j0;
@@ -168,7 +177,7 @@ double vector_sum(const T* v, int64_t n, const G& term) {
       a3 += term(vload(v + j + 3 * kLanes));
     }
     for (; j + kLanes <= j1; j += kLanes) a0 += term(vload(v + j));
-    double s = hsum(a0) + hsum(a1) + hsum(a2) + hsum(a3);
+    double s = hsum((a0 + a1) + (a2 + a3));
     for (; j < j1; ++j) {
       vfloat e = {};
       e[0] = load(v, j);
@@ -177,6 +186,40 @@ double vector_sum(const T* v, int64_t n, const G& term) {
     total += s;
   }
   return total;
+}
+
+// One pass over v[0..n): the sums of d = v - shift and of d^2, lane totals added in double
+// per chunk (two independent chains for each sum; at most 128 terms per float lane).
+template <typename T>
+void shifted_sums(const T* v, int64_t n, float shift, double* sum, double* sum_sq) {
+  constexpr int64_t kChunk = 2048;
+  const vfloat k = vfloat{} + shift;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    int64_t j1 = std::min(n, j0 + kChunk), j = j0;
+    vfloat a0 = {}, a1 = {}, q0 = {}, q1 = {};
+    for (; j + 2 * kLanes <= j1; j += 2 * kLanes) {
+      vfloat d0 = vload(v + j) - k, d1 = vload(v + j + kLanes) - k;
+      a0 += d0;
+      a1 += d1;
+      q0 += d0 * d0;
+      q1 += d1 * d1;
+    }
+    for (; j + kLanes <= j1; j += kLanes) {
+      vfloat d = vload(v + j) - k;
+      a0 += d;
+      q0 += d * d;
+    }
+    s1 += hsum(a0 + a1);
+    s2 += hsum(q0 + q1);
+    for (; j < j1; ++j) {
+      double d = double(load(v, j)) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+  *sum = s1;
+  *sum_sq = s2;
 }
 
 template <typename Pool, typename T, typename U>
@@ -191,12 +234,28 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
     for (int64_t r = item * kRowsPerItem; r < r1; ++r) {
       const T* xr = x + r * features;
       U* yr = y + r * features;
-      float m = 0.f;
-      if (centered) m = float(vector_sum(xr, features, [](vfloat e) { return e; }) * inv_n);
-      float v = float(vector_sum(xr, features, [m](vfloat e) {
-                        e -= m;
-                        return e * e;
-                      }) * inv_n);
+      // One pass of sums shifted by the row's first element; where that element lies over
+      // 8 std from the mean (E[d]^2 > 64 var), E[d^2] - E[d]^2 would lose > 2^-17 of var
+      // to cancellation, and the row is reduced again exactly (two passes from L1).
+      float m = 0.f, v;
+      if (centered) {
+        float shift = load(xr, 0);
+        double sum, sum_sq;
+        shifted_sums(xr, features, shift, &sum, &sum_sq);
+        double shifted_mean = sum * inv_n;
+        m = float(shift + shifted_mean);
+        v = float(sum_sq * inv_n - shifted_mean * shifted_mean);
+        if (shifted_mean * shifted_mean > 64.0 * double(v)) {
+          m = float(vector_sum(xr, features, [](vfloat e) { return e; }) * inv_n);
+          v = float(vector_sum(xr, features, [m](vfloat e) {
+                      e -= m;
+                      return e * e;
+                    }) * inv_n);
+        }
+      } else {  // the mean square
+        v = float(vector_sum(xr, features, [](vfloat e) { return e * e; }) * inv_n);
+      }
+      v = std::max(v, 0.f);
       float rr = 1.f / std::sqrt(v + eps);
       affine_pass(xr, yr, features, &m, 0, rr, scale, bias, r + 1 < rows ? xr + features : nullptr);
       mean[r] = m;
