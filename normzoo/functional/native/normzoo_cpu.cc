@@ -122,7 +122,9 @@ inline vfloat vload(const bf16_bits* p) {
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stays NaN
 #if defined(__AVX512BF16__) && NZ_LANES == 16
-  __m256bh packed = _mm512_cvtneps_pbh(__m512(v));  // one instruction, the same rounding
+  // One instruction, round to nearest even; unlike XLA it flushes denormals (|y| < 1e-38)
+  // to zero, which a normalized output does not reach in practice.
+  __m256bh packed = _mm512_cvtneps_pbh(__m512(v));
   std::memcpy(p, &packed, sizeof packed);
 #else
   vword w;
@@ -144,7 +146,7 @@ void affine_pass(const T* x, U* y, int64_t n, const float* shift, int shift_stri
   if (shift_stride == 0) {
     const vfloat s = vfloat{} + shift[0];
     for (; j + kLanes <= n; j += kLanes) {
-      if (ahead) __builtin_prefetch(ahead + j);  // the next row, while this one is written
+      if (ahead) __builtin_prefetch(ahead + j);  // a later row, while this one is written
       vstore(y + j, (vload(x + j) - s) * (r * vload(mul + j)) + vload(bias + j));
     }
   } else {
@@ -226,7 +228,7 @@ template <typename Pool, typename T, typename U>
 void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
               U* y, float* mean, float* var, int64_t rows, int64_t features, float eps,
               bool centered) {
-  constexpr int64_t kRowsPerItem = 16;
+  constexpr int64_t kRowsPerItem = 64, kAhead = 2;  // prefetch distance, in rows
   const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
   const double inv_n = 1.0 / double(features);
   parallel_for(pool, items, [&](int64_t item) {
@@ -257,7 +259,8 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
       }
       v = std::max(v, 0.f);
       float rr = 1.f / std::sqrt(v + eps);
-      affine_pass(xr, yr, features, &m, 0, rr, scale, bias, r + 1 < rows ? xr + features : nullptr);
+      const T* ahead = r + kAhead < rows ? xr + kAhead * features : nullptr;
+      affine_pass(xr, yr, features, &m, 0, rr, scale, bias, ahead);
       mean[r] = m;
       var[r] = v;
     }
@@ -265,23 +268,37 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
 }
 
 // Column sums over rows [b0, b1) of an (M, C) slab of x - center (Squared = false) or of
-// (x - center)^2, rows in order (one sequential stream).
+// (x - center)^2. Channels go in tiles of kTile vectors whose accumulators stay in
+// registers down the rows (for C <= kTile * kLanes = 128: one sequential stream).
 template <bool Squared, typename T>
 void column_sums(const T* x, int64_t b0, int64_t b1, int64_t channels, const float* center,
                  float* out) {
-  std::fill(out, out + channels, 0.f);
-  for (int64_t i = b0; i < b1; ++i) {
-    const T* xi = x + i * channels;
-    int64_t c = 0;
-    for (; c + kLanes <= channels; c += kLanes) {
-      vfloat e = vload(xi + c) - vload(center + c);
-      if (Squared) e *= e;
-      vstore(out + c, vload(out + c) + e);
+  constexpr int kTile = 8;
+  auto term = [&](const T* p, int64_t c) {
+    vfloat e = vload(p + c) - vload(center + c);
+    return Squared ? e * e : e;
+  };
+  int64_t c = 0;
+  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
+    vfloat acc[kTile] = {};
+    for (int64_t i = b0; i < b1; ++i) {
+      const T* xi = x + i * channels;
+      for (int t = 0; t < kTile; ++t) acc[t] += term(xi, c + t * kLanes);
     }
-    for (; c < channels; ++c) {
-      float e = load(xi, c) - center[c];
-      out[c] += Squared ? e * e : e;
+    for (int t = 0; t < kTile; ++t) vstore(out + c + t * kLanes, acc[t]);
+  }
+  for (; c + kLanes <= channels; c += kLanes) {
+    vfloat acc = {};
+    for (int64_t i = b0; i < b1; ++i) acc += term(x + i * channels, c);
+    vstore(out + c, acc);
+  }
+  for (; c < channels; ++c) {
+    float acc = 0.f;
+    for (int64_t i = b0; i < b1; ++i) {
+      float e = load(x, i * channels + c) - center[c];
+      acc += Squared ? e * e : e;
     }
+    out[c] = acc;
   }
 }
 
@@ -364,23 +381,22 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
   chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t items = batch * chunks;
   std::vector<double> count(items * channels), mean(items * channels), m2(items * channels);
-  parallel_for(pool, items, [&](int64_t item) {
+  std::vector<float> shift(batch * channels), mul(batch * channels);
+  auto moments = [&](int64_t item) {
     int64_t b = item / chunks, chunk = item % chunks;
     int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
     channel_moments(x + b * m * channels, m0, m1, channels, centered,
                     &count[item * channels], &mean[item * channels], &m2[item * channels]);
-  });
-  std::vector<float> shift(batch * channels), mul(batch * channels);
-  std::vector<double> gn(groups), gmean(groups), gm2(groups);
-  for (int64_t b = 0; b < batch; ++b) {
+  };
+  auto finish = [&](int64_t b) {  // b's statistics from its chunks' moments
+    std::vector<double> gn(groups), gmean(groups), gm2(groups);
     int64_t at = b * chunks * channels;
     merge_moments(&count[at], &mean[at], &m2[at], chunks, channels, k, gn.data(),
                   gmean.data(), gm2.data());
     for (int64_t g = 0; g < groups; ++g) {
       float mu = centered ? float(gmean[g]) : 0.f;
-      // Without centering, M2 about the mean plus n * mean^2 is the sum of squares.
-      double sq = centered ? gm2[g] : gm2[g] + gn[g] * gmean[g] * gmean[g];
-      float v = float(sq / gn[g]);
+      // Not centered: the blocks' means were 0, so M2 is the sum of squares.
+      float v = float(gm2[g] / gn[g]);
       float rr = 1.f / std::sqrt(v + eps);
       mean_out[b * groups + g] = mu;
       var_out[b * groups + g] = v;
@@ -389,13 +405,24 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
         mul[b * channels + c] = rr * scale[c];
       }
     }
-  }
-  parallel_for(pool, items, [&](int64_t item) {
+  };
+  auto normalize = [&](int64_t item) {
     int64_t b = item / chunks, chunk = item % chunks;
     int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
     normalize_rows(x + b * m * channels, y + b * m * channels, m0, m1, channels,
                    &shift[b * channels], &mul[b * channels], bias);
-  });
+  };
+  if (chunks == 1) {  // one item per b: its slab is still in cache for the second pass
+    parallel_for(pool, batch, [&](int64_t b) {
+      moments(b);
+      finish(b);
+      normalize(b);
+    });
+    return;
+  }
+  parallel_for(pool, items, moments);
+  for (int64_t b = 0; b < batch; ++b) finish(b);
+  parallel_for(pool, items, normalize);
 }
 
 // Calls f with x's and y's element pointers typed (float or bf16 bits).
