@@ -76,6 +76,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from normzoo.functional import native
+from normzoo.functional.native.linear import View, tangent as native_tangent
 from normzoo.functional.moments import reduced_moments
 
 Array = jax.Array
@@ -301,9 +302,33 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
                ("grouped", "float32"), ("grouped", "bfloat16")}
 
 
-def _native_forward(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype):
-    """A function ``(x, scale_b, bias_b) -> (y, mean, var)`` (stat form) on a native CPU
-    kernel (:mod:`normzoo.functional.native`), or None where none applies.
+#: Where the linearization (training steps) uses the native kernels too: the forward pass
+#: and :func:`normzoo.functional.native.linear.tangent`, whose transpose is the native
+#: backward kernel. Keys: (kernel, x dtype, variant), variant ``centered`` (LN) or
+#: ``uncentered`` (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes
+#: reduced too) for groups. Measured in training-step loops (``python -m benchmarks
+#: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.21, GN 1.55,
+#: IN 1.25; bfloat16 LN 2.44, RMS 2.08, BN 1.83, GN 3.37, IN 2.54. Left out: float32 RMS
+#: (0.83) and BN (0.60), where XLA's backward (BLAS matrix-vector products for RMS, column
+#: reductions fused with the input's update for BN) is faster.
+NATIVE_BACKWARD_PLAN = {
+    ("row", "float32", "centered"), ("row", "bfloat16", "centered"),
+    ("row", "bfloat16", "uncentered"), ("grouped", "float32", "per_sample"),
+    ("grouped", "bfloat16", "per_sample"), ("grouped", "bfloat16", "whole"),
+}
+
+
+def _native_backward_planned(view: View, dtype) -> bool:
+    if view.kind == "row":
+        variant = "centered" if view.centered else "uncentered"
+    else:
+        variant = "per_sample" if view.batch > 1 else "whole"
+    return (view.kind, jnp.dtype(dtype).name, variant) in NATIVE_BACKWARD_PLAN
+
+
+def _native_view(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype):
+    """How a native CPU kernel (:mod:`normzoo.functional.native`) reads x, or None where
+    none applies; with the params' shape as the kernel's (F,) vectors see them.
 
     ``row``: the statistics span x's trailing axes, x is a ``(R, F)`` matrix and the params
     vary along F only (LayerNorm, RMSNorm). ``grouped``: the statistics span a contiguous
@@ -335,27 +360,34 @@ def _native_forward(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, o
     if any(p is not None and not native.varying_axes(p) <= native.varying_axes(x)
            for p in (scale_b, bias_b)):
         return None
-    lead = math.prod(shape[:first])
-    features = math.prod(shape[param_axis:])
-    param_shape = (1,) * param_axis + tuple(shape[param_axis:])
-
-    def vector(param, fill):
-        if param is None:
-            return jnp.full((features,), fill, jnp.float32)
-        return jnp.broadcast_to(param, param_shape).reshape(features).astype(jnp.float32)
-
     stat_shape = [1 if a in sums else size for a, size in enumerate(shape)]  # layout.mean's
     if layout.group_axis is not None:
         stat_shape[layout.group_axis] //= layout.k
+    view = View(kind, math.prod(shape[param_axis:]), batch=math.prod(shape[:first]),
+                group_size=layout.k, centered=centered, epsilon=float(epsilon),
+                out_dtype=jnp.dtype(out_dtype), stat_shape=tuple(stat_shape))
+    return view, (1,) * param_axis + tuple(shape[param_axis:])
+
+
+def _vector(param, fill, view, param_shape):
+    """A param broadcast to the kernel's (F,) float32 vector (``fill`` where None)."""
+    if param is None:
+        return jnp.full((view.features,), fill, jnp.float32)
+    return jnp.broadcast_to(param, param_shape).reshape(view.features).astype(jnp.float32)
+
+
+def _native_run(view, param_shape, in_place=True):
+    """``(x, scale_b, bias_b) -> (y, mean, var)`` (stat form) on the view's kernel."""
 
     def run(x, scale_b, bias_b):
-        options = dict(epsilon=epsilon, centered=centered, out_dtype=out_dtype,
-                       stat_shape=tuple(stat_shape))
-        scale_v, bias_v = vector(scale_b, 1.0), vector(bias_b, 0.0)
-        if kind == "row":
-            return native.row_normalize(x, scale_v, bias_v, features=features, **options)
-        return native.grouped_normalize(x, scale_v, bias_v, group_size=layout.k, batch=lead,
-                                        channels=features, **options)
+        options = dict(epsilon=view.epsilon, centered=view.centered, out_dtype=view.out_dtype,
+                       stat_shape=view.stat_shape, in_place=in_place)
+        scale_v = _vector(scale_b, 1.0, view, param_shape)
+        bias_v = _vector(bias_b, 0.0, view, param_shape)
+        if view.kind == "row":
+            return native.row_normalize(x, scale_v, bias_v, features=view.features, **options)
+        return native.grouped_normalize(x, scale_v, bias_v, group_size=view.group_size,
+                                        batch=view.batch, channels=view.features, **options)
 
     return run
 
@@ -413,11 +445,11 @@ def _statistics_and_output(x, scale_b, bias_b, layout, centered, epsilon, use_fa
         )
         return y, mean, var
 
-    kernel = use_native and _native_forward(
+    found = use_native and _native_view(
         x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
-    if not kernel:
+    if not found:
         return with_xla(x, scale_b, bias_b)
-    return lax.platform_dependent(x, scale_b, bias_b, cpu=kernel, default=with_xla)
+    return lax.platform_dependent(x, scale_b, bias_b, cpu=_native_run(*found), default=with_xla)
 
 
 @normalize_affine.defjvp
@@ -425,6 +457,54 @@ def _normalize_affine_jvp(
     axes, group_axis, num_groups, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
     use_native, primals, tangents,
 ):
+    """The linearization: on CPU the native kernels' where they apply, else in XLA."""
+    x, scale_b, bias_b = primals
+    layout = _Layout(x.shape, axes, group_axis, num_groups)
+    options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
+    found = use_native and _native_view(
+        x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
+    if not found or not _native_backward_planned(found[0], x.dtype):
+        return _xla_linearization(layout, *options, primals, tangents)
+
+    def on_cpu(primals, tangents):
+        return _native_linearization(found, layout, *options, primals, tangents)
+
+    def elsewhere(primals, tangents):
+        return _xla_linearization(layout, *options, primals, tangents)
+
+    return lax.platform_dependent(primals, tangents, cpu=on_cpu, default=elsewhere)
+
+
+def _native_linearization(found, layout, centered, epsilon, use_fast_variance, stat_dtype,
+                          out_dtype, primals, tangents):
+    """The native forward and :func:`normzoo.functional.native.linear.tangent`, whose
+    transpose (reverse mode) is the native backward kernel.
+
+    The forward kernel is wrapped in a ``custom_jvp`` with the XLA forward's derivative, so
+    this linearization can itself be differentiated (second derivatives).
+    """
+    view, param_shape = found
+    x, scale_b, bias_b = primals
+    dx, dscale, dbias = tangents
+
+    def with_xla(x, scale_b, bias_b):
+        return _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance,
+                        stat_dtype, out_dtype)[:3]
+
+    forward = jax.custom_jvp(_native_run(view, param_shape, in_place=False))  # x is kept
+    forward.defjvp(lambda p, t: jax.jvp(with_xla, p, t))
+    y, mean, var = forward(x, scale_b, bias_b)
+    vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
+    dy, dmean, dvar = native_tangent(
+        x, vector(scale_b, 1.0), mean, var, dx.astype(x.dtype),
+        vector(None if scale_b is None else dscale, 0.0),
+        vector(None if bias_b is None else dbias, 0.0), view=view)
+    return ((y, layout.squeeze(mean), layout.squeeze(var)),
+            (dy, layout.squeeze(dmean), layout.squeeze(dvar)))
+
+
+def _xla_linearization(layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
+                       primals, tangents):
     """The linearization, written so that its transpose is the closed-form backward pass.
 
     ``dvar = 2 E[c dx]`` (the ``E[c] dmean`` term vanishes), ``dr = -r^3 dvar / 2`` and
@@ -432,11 +512,6 @@ def _normalize_affine_jvp(
     """
     x, scale_b, bias_b = primals
     dx, dscale, dbias = tangents
-    layout = _Layout(x.shape, axes, group_axis, num_groups)
-    # The XLA forward even on CPU: with the native kernels for this primal, training steps
-    # were slower where XLA fuses the forward into the backward's kernels (time of the XLA
-    # path / with kernels: BN 0.73, LN 0.86, IN 0.88, RMS 0.69 float32; GN 1.16, within the
-    # run's noise).
     y, mean, var, r, mean_c, r_c = _forward(
         x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
         differentiated=True,

@@ -1,6 +1,8 @@
 """The native CPU kernels (normzoo.functional.native) against float64 numpy, against the
 pure-XLA path through every layer, and their build and fallback."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,9 +149,14 @@ LAYERS = {
 }
 
 
-def _layer(name, dtype):
-    kwargs = dict(LAYERS[name])
-    return getattr(normzoo, name.split("_")[0])(dtype=dtype, **kwargs)
+def _layer(name, dtype, rng, loc):
+    """The layer, an input (4, 6, 5, 16) around ``loc`` and variables off their init."""
+    layer = getattr(normzoo, name.split("_")[0])(dtype=dtype, **LAYERS[name])
+    x = jnp.asarray(loc + rng.standard_normal((4, 6, 5, 16)), jnp.float32).astype(dtype)
+    variables = layer.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
+                             variables)
+    return layer, x, variables
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -158,12 +165,7 @@ def test_layers_native_and_xla_agree(name, dtype):
     # The same layer traced with the kernels on and off: every output, the running
     # statistics included, to rounding; and the native call is really in the program where
     # fused.NATIVE_PLAN lists the layout and dtype.
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(5.0 + rng.standard_normal((4, 6, 5, 16)), jnp.float32).astype(dtype)
-    layer = _layer(name, dtype)
-    variables = layer.init(jax.random.key(0), x)
-    variables = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
-                             variables)
+    layer, x, variables = _layer(name, dtype, np.random.default_rng(3), loc=5.0)
 
     def run(v, x):
         return layer.apply(v, x, mutable=["batch_stats"])
@@ -246,3 +248,131 @@ def test_batch_sharded_jit_and_shard_map():
                       out_specs=P("data"))
     assert "normzoo_row_norm" in jax.jit(local).lower(sharded).as_text()
     np.testing.assert_allclose(jax.jit(local)(sharded), expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the native backward pass
+
+from normzoo.functional.native import linear  # noqa: E402
+
+BACKWARD_VIEWS = {
+    "ln": (linear.View("row", 40, centered=True, epsilon=1e-6, stat_shape=(6, 1)), (6, 40)),
+    "rms": (linear.View("row", 21, centered=False, epsilon=1e-6, stat_shape=(5, 1)), (5, 21)),
+    "bn": (linear.View("grouped", 20, batch=1, epsilon=1e-5, stat_shape=(1, 20)), (1, 300, 20)),
+    "gn": (linear.View("grouped", 24, batch=3, group_size=6, epsilon=1e-5, stat_shape=(3, 4)),
+           (3, 7, 24)),
+    "in": (linear.View("grouped", 16, batch=4, epsilon=1e-5, stat_shape=(4, 16)), (4, 9, 16)),
+}
+
+
+def _backward_inputs(name, dtype=jnp.float32):
+    view, shape = BACKWARD_VIEWS[name]
+    rng = np.random.default_rng(len(name))
+    x = jnp.asarray(2.0 + rng.standard_normal(shape), jnp.float32).astype(dtype)
+    f = view.features
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, f), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(f), jnp.float32)
+    cts = (jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(view.out_dtype),
+           jnp.asarray(rng.standard_normal(view.stat_shape), jnp.float32),
+           jnp.asarray(rng.standard_normal(view.stat_shape), jnp.float32))
+    return view, x, scale, bias, cts
+
+
+def _moments(view, x):
+    if view.kind == "row":
+        xs = x.astype(jnp.float32).reshape(-1, view.features)
+        axes = (1,)
+    else:
+        xs = x.astype(jnp.float32).reshape(view.batch, -1, view.features // view.group_size,
+                                           view.group_size)
+        axes = (1, 3)
+    mean = xs.mean(axes) if view.centered else jnp.zeros(view.stat_shape)
+    second = ((xs - (xs.mean(axes, keepdims=True) if view.centered else 0.0)) ** 2).mean(axes)
+    return mean.reshape(view.stat_shape), second.reshape(view.stat_shape)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", sorted(BACKWARD_VIEWS))
+def test_backward_kernel_is_the_transpose_of_the_tangent(name, dtype):
+    # The native backward (the cotangent primitive, lowered to the kernel on CPU) against
+    # jax.linear_transpose of the jax.numpy tangent, with cotangents on y and on both
+    # statistics (gradients through running averages).
+    view, x, scale, _, cts = _backward_inputs(name, dtype)
+    view = dataclasses.replace(view, out_dtype=jnp.dtype(dtype))
+    cts = (cts[0].astype(dtype),) + cts[1:]
+    mean, var = _moments(view, x)
+    got = jax.jit(lambda *a: linear.cotangent_p.bind(*a, view=view))(x, scale, mean, var, *cts)
+    expected = linear._reference_cotangent(view, x, scale, mean, var, *cts)
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    for a, e in zip(got, expected):
+        scale_of = float(jnp.max(jnp.abs(e.astype(jnp.float32)))) + 1e-6
+        np.testing.assert_allclose(np.asarray(a, np.float32) / scale_of,
+                                   np.asarray(e, np.float32) / scale_of, atol=tol)
+
+
+@pytest.mark.parametrize("name", sorted(BACKWARD_VIEWS))
+def test_tangent_and_cotangent_are_adjoint(name):
+    # <ct, T(t)> == <T'(ct), t> for the primitives as JAX runs them (jvp in XLA, transpose on
+    # the kernel): the backward is exactly the transpose of the forward-mode derivative.
+    view, x, scale, _, cts = _backward_inputs(name)
+    mean, var = _moments(view, x)
+    rng = np.random.default_rng(1)
+    t = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+         jnp.asarray(rng.standard_normal(scale.shape), jnp.float32),
+         jnp.asarray(rng.standard_normal(scale.shape), jnp.float32))
+    forward = jax.jit(lambda *t: linear.tangent(x, scale, mean, var, *t, view=view))
+    backward = jax.jit(lambda *c: linear.cotangent_p.bind(x, scale, mean, var, *c, view=view))
+    lhs = sum(float(jnp.vdot(c, o)) for c, o in zip(cts, forward(*t)))
+    rhs = sum(float(jnp.vdot(g, d)) for g, d in zip(backward(*cts), t))
+    assert lhs == pytest.approx(rhs, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_gradients_native_and_xla_agree(name, dtype):
+    # grad of a loss through every output, the running statistics included, with the kernels
+    # on and off; and the backward kernel is in the program where NATIVE_BACKWARD_PLAN says.
+    from normzoo.functional import fused
+
+    rng = np.random.default_rng(5)
+    layer, x, variables = _layer(name, dtype, rng, loc=1.0)
+    weights = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                           jax.eval_shape(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]),
+                                          variables, x))
+
+    def loss(params, x):
+        out = layer.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in
+                   zip(jax.tree.leaves(out), jax.tree.leaves(weights)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    lowered = grad.lower(variables["params"], x).as_text()
+    got = grad(variables["params"], x)
+    with native.disabled():
+        expected = jax.jit(jax.grad(lambda p, x: loss(p, x), argnums=(0, 1)))(
+            variables["params"], x)
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        top = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(a, np.float32) / top,
+                                   np.asarray(e, np.float32) / top, atol=tol)
+    kind = "grouped" if name in ("BatchNorm", "GroupNorm", "InstanceNorm") else "row"
+    variant = {"LayerNorm": "centered", "LayerNorm_2axes": "centered", "RMSNorm": "uncentered",
+               "BatchNorm": "whole", "GroupNorm": "per_sample", "InstanceNorm": "per_sample"}
+    planned = (kind, jnp.dtype(dtype).name, variant[name]) in fused.NATIVE_BACKWARD_PLAN
+    assert ("backward" in lowered) == planned
+
+
+def test_native_backward_under_vmap_and_second_order():
+    # vmap of grad uses the primitives' batching rules; hessian differentiates the tangent
+    # primitive (and the native forward) through their jax.numpy references.
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((3, 4, 10)), jnp.float32)
+    layer = normzoo.GroupNorm(num_groups=2)
+    v = layer.init(jax.random.key(0), x[0, :, None, :])
+    loss = lambda x: jnp.sum(jnp.sin(layer.apply(v, x[:, None, :])))  # noqa: E731
+    with native.disabled():
+        grads_xla = jax.vmap(jax.grad(lambda x: loss(x)))(x)
+        hess_xla = jax.hessian(lambda x: loss(x))(x[0])
+    np.testing.assert_allclose(jax.vmap(jax.grad(loss))(x), grads_xla, rtol=1e-4, atol=1e-5)
+    assert "backward" in jax.jit(jax.grad(loss)).lower(x[0]).as_text()
+    np.testing.assert_allclose(jax.hessian(loss)(x[0]), hess_xla, rtol=1e-3, atol=1e-4)

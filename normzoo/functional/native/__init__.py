@@ -52,7 +52,12 @@ Array = jax.Array
 
 _SOURCE = Path(__file__).with_name("normzoo_cpu.cc")
 #: FFI target name -> the handler symbol in the compiled library.
-_TARGETS = {"normzoo_row_norm": "NormzooRowNorm", "normzoo_grouped_norm": "NormzooGroupedNorm"}
+_TARGETS = {
+    "normzoo_row_norm": "NormzooRowNorm",
+    "normzoo_grouped_norm": "NormzooGroupedNorm",
+    "normzoo_row_norm_backward": "NormzooRowNormBackward",
+    "normzoo_grouped_norm_backward": "NormzooGroupedNormBackward",
+}
 #: dtypes the kernels read and write (statistics are always float32).
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -206,15 +211,17 @@ def _result_like(x: Array, shape, dtype) -> jax.ShapeDtypeStruct:
 
 
 def _call(target: str, x: Array, scale: Array, bias: Array, stat_shape: tuple[int, ...],
-          out_dtype, **attributes) -> tuple[Array, Array, Array]:
+          out_dtype, in_place: bool, **attributes) -> tuple[Array, Array, Array]:
     if not _load():
         raise RuntimeError(f"normzoo native CPU kernels unavailable: {_failure}")
     results = (_result_like(x, x.shape, out_dtype), _result_like(x, stat_shape, jnp.float32),
                _result_like(x, stat_shape, jnp.float32))
-    # y over x when they match: XLA then writes in place where x is dead (the common case:
-    # the output of the layer before), and copies x first where it is still needed. x keeps
-    # its shape (the kernels read flat buffers): XLA copies a reshaped operand that aliases.
-    aliases = {0: 0} if jnp.dtype(out_dtype) == x.dtype else None
+    # in_place: y over x when they match. XLA then writes in place where x is dead (the
+    # common case in inference: the output of the layer before), and copies x first where it
+    # is still needed (so a training step, which keeps x for the backward pass, asks for a
+    # fresh y). x keeps its shape (the kernels read flat buffers): XLA copies a reshaped
+    # operand that aliases an output.
+    aliases = {0: 0} if in_place and jnp.dtype(out_dtype) == x.dtype else None
     call = jax.ffi.ffi_call(target, results, vmap_method="sequential",
                             input_output_aliases=aliases)
     return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), **attributes)
@@ -228,13 +235,15 @@ def _check_view(x: Array, stat_shape, count: int, what: str) -> None:
 
 def row_normalize(x: Array, scale: Array, bias: Array, *, epsilon: float, centered: bool,
                   out_dtype, features: int | None = None,
-                  stat_shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
+                  stat_shape: tuple[int, ...] | None = None,
+                  in_place: bool = True) -> tuple[Array, Array, Array]:
     """Rows of ``F = features`` contiguous elements (default: x's last axis): ``x`` (any shape
     of ``R * F`` elements) -> ``y`` (x's shape, ``out_dtype``), ``mean``, ``var`` (float32,
     ``stat_shape`` of ``R`` elements; default ``(R,)``).
 
     Per row: ``mean = E[x]`` (0 when not ``centered``), ``var = E[(x - mean)^2]`` and
     ``y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias``; ``scale, bias (F,)``.
+    ``in_place``: let XLA write y over x (where x is not needed afterwards).
     """
     features = x.shape[-1] if features is None else int(features)
     if features < 1 or x.size % features:
@@ -242,7 +251,7 @@ def row_normalize(x: Array, scale: Array, bias: Array, *, epsilon: float, center
     rows = x.size // features
     stat_shape = (rows,) if stat_shape is None else tuple(stat_shape)
     _check_view(x, stat_shape, rows, "one per row")
-    return _call("normzoo_row_norm", x, scale, bias, stat_shape, out_dtype,
+    return _call("normzoo_row_norm", x, scale, bias, stat_shape, out_dtype, in_place,
                  epsilon=np.float32(epsilon), centered=bool(centered),
                  features=np.int64(features))
 
@@ -250,7 +259,8 @@ def row_normalize(x: Array, scale: Array, bias: Array, *, epsilon: float, center
 def grouped_normalize(x: Array, scale: Array, bias: Array, *, group_size: int, epsilon: float,
                       centered: bool, out_dtype, batch: int | None = None,
                       channels: int | None = None,
-                      stat_shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
+                      stat_shape: tuple[int, ...] | None = None,
+                      in_place: bool = True) -> tuple[Array, Array, Array]:
     """``x`` read as ``(B, M, C)`` (default: x's own three axes) -> ``y`` (x's shape),
     ``mean, var`` (float32, ``stat_shape`` of ``B * C / group_size`` elements; default
     ``(B, C / group_size)``).
@@ -271,7 +281,7 @@ def grouped_normalize(x: Array, scale: Array, bias: Array, *, group_size: int, e
     groups = batch * (channels // group_size)
     stat_shape = (batch, channels // group_size) if stat_shape is None else tuple(stat_shape)
     _check_view(x, stat_shape, groups, "one per batch entry and group")
-    return _call("normzoo_grouped_norm", x, scale, bias, stat_shape, out_dtype,
+    return _call("normzoo_grouped_norm", x, scale, bias, stat_shape, out_dtype, in_place,
                  epsilon=np.float32(epsilon), centered=bool(centered),
                  group_size=np.int64(group_size), batch=np.int64(batch),
                  channels=np.int64(channels))

@@ -425,6 +425,231 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
   parallel_for(pool, items, normalize);
 }
 
+// ---------------------------------------------------------------- backward passes
+//
+// The transpose of the normalization's linearization (the closed form of Ioffe & Szegedy
+// 2015, section 3), with xhat = (x - mean) r, g = gy * scale, n the elements of a
+// statistic and E their mean:
+//
+//   gx = r (g - E[g] - xhat E[g xhat]) + (gmean + 2 gvar (x - mean)) / n
+//      = (r scale) gy + (x - mean) (2 gvar / n - r^2 E[g xhat]) + (gmean / n - r E[g])
+//   gscale = sum gy xhat,   gbias = sum gy        (over everything but the features)
+//
+// (not centered: mean = 0 and no E[g] or gmean terms). The statistics' cotangents gmean
+// and gvar make gradients through the returned moments (running averages) exact.
+
+// gx[j] = a[j] gy[j] + (x[j] - shift) * b + d over a row or one row of channels; a per
+// element vector, b and d scalars (row) or vectors (channels, stride 1).
+template <typename T, typename G>
+void gradient_pass(const T* x, const G* gy, T* gx, int64_t n, const float* a, float shift,
+                   const float* shift_v, const float* b, const float* d, int stride) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    vfloat sh = shift_v ? vload(shift_v + j) : vfloat{} + shift;
+    vfloat bv = stride ? vload(b + j) : vfloat{} + b[0];
+    vfloat dv = stride ? vload(d + j) : vfloat{} + d[0];
+    vstore(gx + j, vload(a + j) * vload(gy + j) + (vload(x + j) - sh) * bv + dv);
+  }
+  for (; j < n; ++j) {
+    float sh = shift_v ? shift_v[j] : shift;
+    store(gx, j, a[j] * load(gy, j) + (load(x, j) - sh) * b[j * stride] + d[j * stride]);
+  }
+}
+
+template <typename Pool, typename T, typename G>
+void row_norm_backward(Pool& pool, const T* x, const G* gy, const float* scale,
+                       const float* mean, const float* var, const float* gmean,
+                       const float* gvar, T* gx, float* gscale, float* gbias, int64_t rows,
+                       int64_t features, float eps, bool centered) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t items = std::min(rows, 4 * threads);  // each with its own param sums
+  const int64_t rows_per_item = (rows + items - 1) / items;
+  std::vector<float> sums(items * 2 * features, 0.f);
+  const double inv_n = 1.0 / double(features);
+  parallel_for(pool, items, [&](int64_t item) {
+    float* ps = &sums[item * 2 * features];  // gscale partial, then gbias partial
+    float* pb = ps + features;
+    std::vector<float> a(features);
+    int64_t r1 = std::min(rows, (item + 1) * rows_per_item);
+    for (int64_t r = item * rows_per_item; r < r1; ++r) {
+      const T* xr = x + r * features;
+      const G* gr = gy + r * features;
+      const float m = mean[r], rr = 1.f / std::sqrt(var[r] + eps);
+      // One pass from memory: E[g], E[g xhat] and the param sums; the row stays in L1.
+      vfloat sg = {}, sgx = {};
+      const vfloat mv = vfloat{} + m, rv = vfloat{} + rr;
+      int64_t j = 0;
+      for (; j + kLanes <= features; j += kLanes) {
+        vfloat g0 = vload(gr + j), xh = (vload(xr + j) - mv) * rv, g = g0 * vload(scale + j);
+        sg += g;
+        sgx += g * xh;
+        vstore(ps + j, vload(ps + j) + g0 * xh);
+        vstore(pb + j, vload(pb + j) + g0);
+      }
+      double tg = hsum(sg), tgx = hsum(sgx);
+      for (; j < features; ++j) {
+        float g0 = load(gr, j), xh = (load(xr, j) - m) * rr;
+        tg += g0 * scale[j];
+        tgx += g0 * scale[j] * xh;
+        ps[j] += g0 * xh;
+        pb[j] += g0;
+      }
+      float b = float((2.0 * gvar[r] - double(rr) * rr * tgx) * inv_n);
+      float d = float(((centered ? gmean[r] : 0.0) - (centered ? rr * tg : 0.0)) * inv_n);
+      for (int64_t c = 0; c < features; ++c) a[c] = rr * scale[c];
+      gradient_pass(xr, gr, gx + r * features, features, a.data(), m, nullptr, &b, &d, 0);
+    }
+  });
+  for (int64_t j = 0; j < features; ++j) {
+    double ts = 0.0, tb = 0.0;
+    for (int64_t item = 0; item < items; ++item) {
+      ts += sums[item * 2 * features + j];
+      tb += sums[item * 2 * features + features + j];
+    }
+    gscale[j] = float(ts);
+    gbias[j] = float(tb);
+  }
+}
+
+// Per-channel sums of gy and of gy (x - shift) over rows [b0, b1) of one (M, C) slab, in
+// tiles of kTile / 2 vectors of channels (two accumulators each) kept in registers.
+template <typename T, typename G>
+void gradient_column_sums(const T* x, const G* gy, int64_t b0, int64_t b1, int64_t channels,
+                          const float* shift, float* sum_g, float* sum_gc) {
+  constexpr int kTile = 4;
+  int64_t c = 0;
+  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
+    vfloat ag[kTile] = {}, agc[kTile] = {}, sh[kTile];
+    for (int t = 0; t < kTile; ++t) sh[t] = vload(shift + c + t * kLanes);
+    for (int64_t i = b0; i < b1; ++i) {
+      const T* xi = x + i * channels + c;
+      const G* gi = gy + i * channels + c;
+      for (int t = 0; t < kTile; ++t) {
+        vfloat g = vload(gi + t * kLanes);
+        ag[t] += g;
+        agc[t] += g * (vload(xi + t * kLanes) - sh[t]);
+      }
+    }
+    for (int t = 0; t < kTile; ++t) {
+      vstore(sum_g + c + t * kLanes, ag[t]);
+      vstore(sum_gc + c + t * kLanes, agc[t]);
+    }
+  }
+  for (; c < channels; ++c) {
+    float ag = 0.f, agc = 0.f;
+    for (int64_t i = b0; i < b1; ++i) {
+      float g = load(gy, i * channels + c);
+      ag += g;
+      agc += g * (load(x, i * channels + c) - shift[c]);
+    }
+    sum_g[c] = ag;
+    sum_gc[c] = agc;
+  }
+}
+
+// The same over rows [m0, m1): float per block of rows, double across blocks.
+template <typename T, typename G>
+void channel_gradient_sums(const T* x, const G* gy, int64_t m0, int64_t m1, int64_t channels,
+                           const float* shift, double* sum_g, double* sum_gc) {
+  constexpr int64_t kBlock = 64;
+  std::vector<float> bg(channels), bgc(channels);
+  for (int64_t c = 0; c < channels; ++c) sum_g[c] = sum_gc[c] = 0.0;
+  for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
+    gradient_column_sums(x, gy, b0, std::min(m1, b0 + kBlock), channels, shift, bg.data(),
+                         bgc.data());
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_g[c] += bg[c];
+      sum_gc[c] += bgc[c];
+    }
+  }
+}
+
+template <typename Pool, typename T, typename G>
+void grouped_norm_backward(Pool& pool, const T* x, const G* gy, const float* scale,
+                           const float* mean, const float* var, const float* gmean,
+                           const float* gvar, T* gx, float* gscale, float* gbias,
+                           int64_t batch, int64_t m, int64_t channels, int64_t k, float eps,
+                           bool centered) {
+  const int64_t groups = channels / k;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t row_bytes = channels * int64_t(sizeof(T) + sizeof(G));
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(
+      (2 * threads + batch - 1) / batch, m * row_bytes / (64 << 10)));
+  chunks = std::min(chunks, m);
+  const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
+  chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t items = batch * chunks;
+  const double n = double(m) * double(k);
+  std::vector<float> shift(batch * channels);  // the group mean, per channel
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c = 0; c < channels; ++c) shift[b * channels + c] = mean[b * groups + c / k];
+  std::vector<double> sg(items * channels), sgc(items * channels);
+  // Per-channel coefficients of gx = a gy + (x - mean) bc + d, per sample b.
+  std::vector<float> a(batch * channels), bc(batch * channels), d(batch * channels);
+  auto sums = [&](int64_t item) {
+    int64_t b = item / chunks, chunk = item % chunks;
+    int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
+    channel_gradient_sums(x + b * m * channels, gy + b * m * channels, m0, m1, channels,
+                          &shift[b * channels], &sg[item * channels], &sgc[item * channels]);
+  };
+  auto coefficients = [&](int64_t b) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t s = b * groups + g;
+      const double rr = 1.0 / std::sqrt(double(float(var[s]) + eps));
+      double tg = 0.0, tgx = 0.0;  // sum of g and of g xhat over the group
+      for (int64_t c = g * k; c < (g + 1) * k; ++c) {
+        double ag = 0.0, agc = 0.0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          ag += sg[(b * chunks + chunk) * channels + c];
+          agc += sgc[(b * chunks + chunk) * channels + c];
+        }
+        tg += scale[c] * ag;
+        tgx += scale[c] * agc * rr;
+      }
+      const double bv = (2.0 * gvar[s] - rr * rr * tgx) / n;
+      const double dv = centered ? (gmean[s] - rr * tg) / n : 0.0;
+      for (int64_t c = g * k; c < (g + 1) * k; ++c) {
+        a[b * channels + c] = float(rr * scale[c]);
+        bc[b * channels + c] = float(bv);
+        d[b * channels + c] = float(dv);
+      }
+    }
+  };
+  auto gradient = [&](int64_t item) {
+    int64_t b = item / chunks, chunk = item % chunks;
+    int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
+    const int64_t off = b * channels;
+    for (int64_t i = m0; i < m1; ++i) {
+      const int64_t at = (b * m + i) * channels;
+      gradient_pass(x + at, gy + at, gx + at, channels, &a[off], 0.f, &shift[off], &bc[off],
+                    &d[off], 1);
+    }
+  };
+  if (chunks == 1) {
+    parallel_for(pool, batch, [&](int64_t b) {
+      sums(b);
+      coefficients(b);
+      gradient(b);
+    });
+  } else {
+    parallel_for(pool, items, sums);
+    for (int64_t b = 0; b < batch; ++b) coefficients(b);
+    parallel_for(pool, items, gradient);
+  }
+  for (int64_t c = 0; c < channels; ++c) {  // gscale = sum gy xhat, gbias = sum gy
+    double ts = 0.0, tb = 0.0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const double rr = 1.0 / std::sqrt(double(float(var[b * groups + c / k]) + eps));
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        ts += sgc[(b * chunks + chunk) * channels + c] * rr;
+        tb += sg[(b * chunks + chunk) * channels + c];
+      }
+    }
+    gscale[c] = float(ts);
+    gbias[c] = float(tb);
+  }
+}
+
 // Calls f with x's and y's element pointers typed (float or bf16 bits).
 template <typename F>
 ffi::Error dispatch(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer>& y, const F& f) {
@@ -486,6 +711,80 @@ ffi::Error GroupedNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   });
 }
 
+// Calls f with x's, gy's and gx's element pointers typed (gx has x's type).
+template <typename F>
+ffi::Error dispatch_backward(ffi::AnyBuffer x, ffi::AnyBuffer gy,
+                             ffi::Result<ffi::AnyBuffer>& gx, const F& f) {
+  auto xt = x.element_type(), gt = gy.element_type();
+  if (gx->element_type() != xt)
+    return ffi::Error::InvalidArgument("normzoo backward: gx must have x's dtype");
+  const void *xp = x.untyped_data(), *gp = gy.untyped_data();
+  void* op = gx->untyped_data();
+  if (xt == ffi::F32 && gt == ffi::F32) return f((const float*)xp, (const float*)gp, (float*)op);
+  if (xt == ffi::F32 && gt == ffi::BF16)
+    return f((const float*)xp, (const bf16_bits*)gp, (float*)op);
+  if (xt == ffi::BF16 && gt == ffi::F32)
+    return f((const bf16_bits*)xp, (const float*)gp, (bf16_bits*)op);
+  if (xt == ffi::BF16 && gt == ffi::BF16)
+    return f((const bf16_bits*)xp, (const bf16_bits*)gp, (bf16_bits*)op);
+  return ffi::Error::InvalidArgument("normzoo native kernels take float32 or bfloat16 x and gy");
+}
+
+template <typename Buf>
+float* f32(Buf& b) {
+  return static_cast<float*>(b->untyped_data());
+}
+
+ffi::Error RowNormBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                               ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer mean,
+                               ffi::AnyBuffer var, ffi::AnyBuffer gy, ffi::AnyBuffer gmean,
+                               ffi::AnyBuffer gvar,
+                               ffi::Result<ffi::AnyBuffer> gx,
+                               ffi::Result<ffi::AnyBuffer> gscale,
+                               ffi::Result<ffi::AnyBuffer> gbias, float epsilon, bool centered,
+                               int64_t features) {
+  int64_t size = int64_t(x.element_count());
+  if (features < 1 || size % features != 0 || gy.element_count() != size_t(size))
+    return ffi::Error::InvalidArgument("normzoo_row_norm_backward: x, gy and features differ");
+  int64_t rows = size / features;
+  for (auto* b : {&mean, &var, &gmean, &gvar})
+    if (b->element_count() != size_t(rows) || b->element_type() != ffi::F32)
+      return ffi::Error::InvalidArgument("normzoo_row_norm_backward: statistics need R floats");
+  return dispatch_backward(x, gy, gx, [&](auto* xp, auto* gp, auto* op) {
+    row_norm_backward(pool, xp, gp, scale.typed_data(), (const float*)mean.untyped_data(),
+                      (const float*)var.untyped_data(), (const float*)gmean.untyped_data(),
+                      (const float*)gvar.untyped_data(), op, f32(gscale), f32(gbias), rows,
+                      features, epsilon, centered);
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error GroupedNormBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                                   ffi::Buffer<ffi::F32> scale, ffi::AnyBuffer mean,
+                                   ffi::AnyBuffer var, ffi::AnyBuffer gy, ffi::AnyBuffer gmean,
+                                   ffi::AnyBuffer gvar, ffi::Result<ffi::AnyBuffer> gx,
+                                   ffi::Result<ffi::AnyBuffer> gscale,
+                                   ffi::Result<ffi::AnyBuffer> gbias, float epsilon,
+                                   bool centered, int64_t group_size, int64_t batch,
+                                   int64_t channels) {
+  int64_t size = int64_t(x.element_count());
+  if (batch < 1 || channels < 1 || size == 0 || size % (batch * channels) != 0 ||
+      gy.element_count() != size_t(size) || group_size < 1 || channels % group_size != 0)
+    return ffi::Error::InvalidArgument("normzoo_grouped_norm_backward: bad (B, M, C) view");
+  size_t stats = size_t(batch * (channels / group_size));
+  for (auto* b : {&mean, &var, &gmean, &gvar})
+    if (b->element_count() != stats || b->element_type() != ffi::F32)
+      return ffi::Error::InvalidArgument("normzoo_grouped_norm_backward: statistics size");
+  return dispatch_backward(x, gy, gx, [&](auto* xp, auto* gp, auto* op) {
+    grouped_norm_backward(pool, xp, gp, scale.typed_data(), (const float*)mean.untyped_data(),
+                          (const float*)var.untyped_data(), (const float*)gmean.untyped_data(),
+                          (const float*)gvar.untyped_data(), op, f32(gscale), f32(gbias),
+                          batch, size / (batch * channels), channels, group_size, epsilon,
+                          centered);
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 #define NORMZOO_BIND_NORM                  \
@@ -505,5 +804,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNorm, RowNormImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNorm, GroupedNormImpl,
                               NORMZOO_BIND_NORM.Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("channels"));
+
+#define NORMZOO_BIND_BACKWARD              \
+  ffi::Ffi::Bind()                         \
+      .Ctx<ffi::ThreadPool>()              \
+      .Arg<ffi::AnyBuffer>()  /* x */      \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Arg<ffi::AnyBuffer>()  /* mean */   \
+      .Arg<ffi::AnyBuffer>()  /* var */    \
+      .Arg<ffi::AnyBuffer>()  /* gy */     \
+      .Arg<ffi::AnyBuffer>()  /* gmean */  \
+      .Arg<ffi::AnyBuffer>()  /* gvar */   \
+      .Ret<ffi::AnyBuffer>()               \
+      .Ret<ffi::AnyBuffer>()               \
+      .Ret<ffi::AnyBuffer>()               \
+      .Attr<float>("epsilon")              \
+      .Attr<bool>("centered")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNormBackward, RowNormBackwardImpl,
+                              NORMZOO_BIND_BACKWARD.Attr<int64_t>("features"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNormBackward, GroupedNormBackwardImpl,
+                              NORMZOO_BIND_BACKWARD.Attr<int64_t>("group_size")
                                   .Attr<int64_t>("batch")
                                   .Attr<int64_t>("channels"));
