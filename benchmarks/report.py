@@ -61,8 +61,17 @@ def machine_info() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": _load(),
+        "native_kernels": _native_kernels(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _native_kernels() -> str:
+    from normzoo.functional import native
+
+    if native.available():
+        return "on"
+    return f"off ({native.failure() or 'switched off'})"
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -346,6 +355,14 @@ def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes
         f"- XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`",
         f"- load average (1, 5, 15 min) at start: {load}, at end: {load_end}",
         f"- settings: {', '.join(f'{k}={v}' for k, v in settings.items())}",
+        f"- normzoo's native CPU kernels: {meta.get('native_kernels', 'unknown')}",
+        "",
+        "Implementations: `normzoo` (on CPU its native kernels where "
+        "`normzoo.functional.fused.NATIVE_PLAN` and `NATIVE_BACKWARD_PLAN` pick them), "
+        "`normzoo_xla` (the same layers with the kernels off: the pure-XLA path), flax.linen "
+        "with `use_fast_variance` True and False, a textbook `jax.numpy` version, and the copy. "
+        "Step temp memory is XLA's count of its own buffers: the native kernels' scratch "
+        "(per-thread partial sums, at most a few hundred KiB here) is not in it.",
         "",
         markdown(results, notes),
     ]

@@ -54,12 +54,14 @@ buffer ~3x slower than one writing in place, and the forward pass fused into one
 slower than reductions followed by a separate elementwise kernel. Every choice is exact to
 rounding when ``|mean| >> std`` (tests/functional/test_f_fused.py).
 
-Native kernels. On CPU the forward pass (not the linearization) of the layouts and dtypes in
-:data:`NATIVE_PLAN` runs as one hand-written kernel (:mod:`normzoo.functional.native`):
-XLA:CPU's reductions along the contiguous axis are serial loops, so LayerNorm and RMSNorm
-cost 4-6 copies of x there. ``use_native`` (a static argument, so traces with the kernels
-on and off are cached apart) selects them; every derivative goes through the XLA
-linearization below, so grad, jvp and higher derivatives are unchanged.
+Native kernels. On CPU the forward pass of the layouts and dtypes in :data:`NATIVE_PLAN`
+runs as one hand-written kernel (:mod:`normzoo.functional.native`): XLA:CPU's reductions
+along the contiguous axis are serial loops, so LayerNorm and RMSNorm cost 4-6 copies of x
+there. Where :data:`NATIVE_BACKWARD_PLAN` says so, the linearization uses them too: the
+native forward plus :func:`normzoo.functional.native.linear.tangent`, a primitive whose
+transpose (the backward pass of ``jax.grad``) is a native kernel. ``use_native`` (a static
+argument, so traces with the kernels on and off are cached apart) selects them, and
+``lax.platform_dependent`` keeps the XLA code for other backends.
 
 Used for the common case (no mask, no ``axis_name``); the general path in
 :mod:`normzoo.functional.operations` covers the rest with plain autodiff.
@@ -416,8 +418,8 @@ def normalize_affine(
         groups of ``C / num_groups``; each statistic then also spans a group's channels.
       centered: standardize (True) or scale by the root mean square (False; mean is 0).
       stat_dtype / out_dtype: dtype of the statistics / of y.
-      use_native: on CPU, compute the forward pass with a native kernel where one applies
-        (:func:`_native_forward`); the linearization (any derivative) stays in XLA.
+      use_native: on CPU, use the native kernels where they apply (:func:`_native_view`,
+        :data:`NATIVE_PLAN`, :data:`NATIVE_BACKWARD_PLAN`).
 
     Returns:
       y (S...) in ``out_dtype``; mean and var (or mean square) with the reduction axes
