@@ -59,8 +59,9 @@ runs as one hand-written kernel (:mod:`normzoo.functional.native`): XLA:CPU's re
 along the contiguous axis are serial loops, so LayerNorm and RMSNorm cost 4-6 copies of x
 there. Where :data:`NATIVE_BACKWARD_PLAN` says so, the linearization uses them too: the
 native forward plus :func:`normzoo.functional.native.linear.tangent`, a primitive whose
-transpose (the backward pass of ``jax.grad``) is a native kernel. ``use_native`` (a static
-argument, so traces with the kernels on and off are cached apart) selects them, and
+transpose (the backward pass of ``jax.grad``) is a native kernel. ``native_policy`` (a
+static argument, :func:`normzoo.functional.native.policy`, so traces made with the kernels
+on and off are cached apart) selects them from a minimum size of x on, and
 ``lax.platform_dependent`` keeps the XLA code for other backends.
 
 Used for the common case (no mask, no ``axis_name``); the general path in
@@ -296,8 +297,9 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
     return y.astype(out_dtype), mean, var, r, mean_c, r_c
 
 
-#: (kernel, x dtype) pairs that use the native CPU kernels: every one beat this module's
-#: XLA forward pass, measured side by side (``python -m benchmarks --passes fwd``, 2-core
+#: (kernel, x dtype) pairs that use the native CPU kernels (for x of at least
+#: ``native.MIN_SIZE["forward"]`` elements): every one beat this module's XLA forward
+#: pass, measured side by side (``python -m benchmarks --passes fwd``, 2-core
 #: CPU, time of the XLA path / time of the kernel, float32 / bfloat16): row LN 2.04 / 1.98,
 #: RMS 5.80 / 1.27; grouped BN 1.54 / 3.14, GN 2.17 / 6.02, IN 1.68 / 3.17.
 NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
@@ -312,7 +314,8 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
 #: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.21, GN 1.55,
 #: IN 1.25; bfloat16 LN 2.44, RMS 2.08, BN 1.83, GN 3.37, IN 2.54. Left out: float32 RMS
 #: (0.83) and BN (0.60), where XLA's backward (BLAS matrix-vector products for RMS, column
-#: reductions fused with the input's update for BN) is faster.
+#: reductions fused with the input's update for BN) is faster. Only for x of at least
+#: ``native.MIN_SIZE["backward"]`` elements: on smaller arrays XLA's fused code was faster.
 NATIVE_BACKWARD_PLAN = {
     ("row", "float32", "centered"), ("row", "bfloat16", "centered"),
     ("row", "bfloat16", "uncentered"), ("grouped", "float32", "per_sample"),
@@ -407,7 +410,7 @@ def normalize_affine(
     use_fast_variance: bool,
     stat_dtype: Any,
     out_dtype: Any,
-    use_native: bool = False,
+    native_policy: tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(y, mean, var)``: x normalized by its own statistics over ``axes``, then the affine.
 
@@ -418,8 +421,9 @@ def normalize_affine(
         groups of ``C / num_groups``; each statistic then also spans a group's channels.
       centered: standardize (True) or scale by the root mean square (False; mean is 0).
       stat_dtype / out_dtype: dtype of the statistics / of y.
-      use_native: on CPU, use the native kernels where they apply (:func:`_native_view`,
-        :data:`NATIVE_PLAN`, :data:`NATIVE_BACKWARD_PLAN`).
+      native_policy: None, or on CPU use the native kernels where they apply
+        (:func:`_native_view`, :data:`NATIVE_PLAN`, :data:`NATIVE_BACKWARD_PLAN`) for x of at
+        least ``native_policy[0]`` elements (forward) / ``native_policy[1]`` (training).
 
     Returns:
       y (S...) in ``out_dtype``; mean and var (or mean square) with the reduction axes
@@ -428,7 +432,7 @@ def normalize_affine(
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     y, mean, var = _statistics_and_output(
         x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
-        use_native,
+        native_policy is not None and x.size >= native_policy[0],
     )
     return y, layout.squeeze(mean), layout.squeeze(var)
 
@@ -457,12 +461,13 @@ def _statistics_and_output(x, scale_b, bias_b, layout, centered, epsilon, use_fa
 @normalize_affine.defjvp
 def _normalize_affine_jvp(
     axes, group_axis, num_groups, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
-    use_native, primals, tangents,
+    native_policy, primals, tangents,
 ):
     """The linearization: on CPU the native kernels' where they apply, else in XLA."""
     x, scale_b, bias_b = primals
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
+    use_native = native_policy is not None and x.size >= native_policy[1]
     found = use_native and _native_view(
         x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
     if not found or not _native_backward_planned(found[0], x.dtype):

@@ -245,7 +245,7 @@ def normalize_with_statistics(
         use_fast_variance,
         statistics_dtype(x, dtype, force_float32_reductions),
         output_dtype(x, scale, bias, dtype),
-        native.available(),
+        native.policy(),
     )
     if operation == "scale":
         return y, {"mean_square": second}

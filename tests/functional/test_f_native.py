@@ -16,6 +16,31 @@ if native._compiler() is None:  # pragma: no cover - every CI machine has g++
     pytest.skip("no C++ compiler on this machine: the XLA path serves", allow_module_level=True)
 
 
+@pytest.fixture(autouse=True)
+def every_size():
+    """Tiny test arrays take the kernels too (by default only x of native.MIN_SIZE on)."""
+    with native.min_size(0, 0):
+        yield
+
+
+def test_minimum_sizes_pick_the_xla_path_for_small_arrays():
+    before = dict(native.MIN_SIZE)
+    layer = normzoo.LayerNorm()
+    x = jnp.ones((4, 64))
+    v = layer.init(jax.random.key(0), x)
+    grad_text = lambda: jax.jit(jax.grad(  # noqa: E731
+        lambda x: jnp.sum(layer.apply(v, x) ** 2))).lower(x).as_text()
+    with native.min_size(x.size + 1, x.size + 1):
+        assert "normzoo_" not in jax.jit(lambda x: layer.apply(v, x)).lower(x).as_text()
+        assert "normzoo_" not in grad_text()
+    with native.min_size(x.size, x.size + 1):  # forward on the kernel, training step in XLA
+        assert "normzoo_row_norm" in jax.jit(lambda x: layer.apply(v, x)).lower(x).as_text()
+        assert "normzoo_" not in grad_text()
+    with native.min_size(x.size, x.size):
+        assert "normzoo_row_norm_backward" in grad_text()
+    assert native.MIN_SIZE == before  # restored
+
+
 def test_kernels_build_and_register_here():
     assert native.available(), native.failure()
     assert native.library_path().exists()
