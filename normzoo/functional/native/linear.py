@@ -17,6 +17,7 @@ primitives with respect to ``x``, ``scale`` and the statistics (second derivativ
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -123,13 +124,21 @@ def _reference(primitive):
     return _reference_tangent if primitive is tangent_p else _reference_cotangent
 
 
+def _apply(primitive, *args, **params):
+    """Eager evaluation: the primitive compiled on its own (cached per shapes and params)."""
+    try:
+        from jax._src.dispatch import apply_primitive
+    except ImportError:  # pragma: no cover - a jax without it
+        return jax.jit(lambda *a: primitive.bind(*a, **params))(*args)
+    return apply_primitive(primitive, *args, **params)
+
+
 for _p in (tangent_p, cotangent_p):
     _ref = _reference(_p)
     mlir.register_lowering(
         _p, mlir.lower_fun(lambda *args, view, _ref=_ref: _ref(view, *args),
                            multiple_results=True))
-    _p.def_impl(lambda *args, view, _p=_p: jax.jit(
-        lambda *a: _p.bind(*a, view=view))(*args))
+    _p.def_impl(functools.partial(_apply, _p))
 
     def _jvp(primals, tangents, *, view, _ref=_ref):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
