@@ -2,6 +2,7 @@
 pure-XLA path through every layer, and their build and fallback."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -401,3 +402,33 @@ def test_native_backward_under_vmap_and_second_order():
     np.testing.assert_allclose(jax.vmap(jax.grad(loss))(x), grads_xla, rtol=1e-4, atol=1e-5)
     assert "backward" in jax.jit(jax.grad(loss)).lower(x[0]).as_text()
     np.testing.assert_allclose(jax.hessian(loss)(x[0]), hess_xla, rtol=1e-3, atol=1e-4)
+
+
+def test_generic_bfloat16_rounding_without_avx512_bf16(tmp_path):
+    # Machines without AVX512-BF16 round with the kernels' portable vector code: build that
+    # variant in a fresh process and cache and compare it with XLA's rounding.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from normzoo.functional import native
+        assert native.available(), native.failure()
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((7, 37)) * 3 + 1, jnp.float32)
+        x = x.at[2, 5].set(jnp.nan)
+        y, _, _ = native.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
+                                       centered=True, out_dtype=jnp.bfloat16)
+        f, _, _ = native.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
+                                       centered=True, out_dtype=jnp.float32)
+        np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                      np.asarray(f.astype(jnp.bfloat16), np.float32))
+        print("ok")
+    """)
+    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path),
+               NORMZOO_NATIVE_CFLAGS="-mno-avx512bf16")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    assert list(tmp_path.glob("normzoo_cpu-*.so"))

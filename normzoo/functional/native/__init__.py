@@ -18,7 +18,8 @@ exact to rounding when ``|mean| >> std`` (two passes over a row held in L1 cache
 channel moments merged with Chan, Golub & LeVeque's formula).
 
 Build. The source is compiled on first use with the system's C++ compiler (``$CXX``, else
-``g++``, ``c++`` or ``clang++``) for this machine (``-march=native``) into
+``g++``, ``c++`` or ``clang++``) for this machine (``-march=native``, plus
+``$NORMZOO_NATIVE_CFLAGS``) into
 ``$NORMZOO_CACHE_DIR`` (default ``~/.cache/normzoo``), under a name hashed from the source,
 the flags, the compiler, jaxlib's version and the CPU, then loaded and registered as XLA
 FFI targets. Where that fails (no compiler, no headers) :func:`available` is False and
@@ -82,9 +83,12 @@ def _compiler() -> str | None:
 
 
 def _flags() -> list[str]:
+    """Compiler flags; ``$NORMZOO_NATIVE_CFLAGS`` is appended (e.g. ``-march=x86-64-v3`` for
+    a cache shared by different machines, ``-mno-avx512bf16`` to test the generic code)."""
+    extra = os.environ.get("NORMZOO_NATIVE_CFLAGS", "").split()
     return [
         "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-DNZ_LANES=16",
-        f"-I{jax.ffi.include_dir()}",
+        f"-I{jax.ffi.include_dir()}", *extra,
     ]
 
 
