@@ -432,3 +432,39 @@ def test_generic_bfloat16_rounding_without_avx512_bf16(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
     assert list(tmp_path.glob("normzoo_cpu-*.so"))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: native.row_normalize(x, jnp.ones(7), jnp.zeros(7), epsilon=1e-6, centered=True,
+                                    out_dtype=jnp.float32, features=7),
+     r"features=7 must divide x's size 24"),
+    (lambda x: native.row_normalize(x, jnp.ones(4), jnp.zeros(4), epsilon=1e-6, centered=True,
+                                    out_dtype=jnp.float32, stat_shape=(5,)),
+     r"stat_shape \(5,\) must hold 6 values"),
+    (lambda x: native.grouped_normalize(x, jnp.ones(4), jnp.zeros(4), group_size=1,
+                                        epsilon=1e-5, centered=True, out_dtype=jnp.float32),
+     r"give batch and channels, or a \(B, M, C\) x"),
+    (lambda x: native.grouped_normalize(x, jnp.ones(5), jnp.zeros(5), group_size=1, batch=1,
+                                        channels=5, epsilon=1e-5, centered=True,
+                                        out_dtype=jnp.float32),
+     r"batch=1 and channels=5 must divide x's size 24"),
+    (lambda x: native.grouped_normalize(x, jnp.ones(4), jnp.zeros(4), group_size=3, batch=2,
+                                        channels=4, epsilon=1e-5, centered=True,
+                                        out_dtype=jnp.float32),
+     r"group_size=3 must divide channels=4"),
+    (lambda x: native.grouped_normalize(x, jnp.ones(4), jnp.zeros(4), group_size=2, batch=2,
+                                        channels=4, epsilon=1e-5, centered=True,
+                                        out_dtype=jnp.float32, stat_shape=(2, 4)),
+     r"stat_shape \(2, 4\) must hold 4 values"),
+])
+def test_bad_views_raise_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(jnp.ones((6, 4)))
+
+
+def test_calling_a_kernel_that_could_not_be_built_raises(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setattr(native, "_failure", "RuntimeError: no C++ compiler found")
+    with pytest.raises(RuntimeError, match="native CPU kernels unavailable: .*no C\\+\\+ compiler"):
+        native.row_normalize(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), epsilon=1e-6,
+                             centered=True, out_dtype=jnp.float32)

@@ -14,7 +14,8 @@ XLA's own intra-op thread pool and write the output in the same call:
 
 Both return ``(y, mean, var)`` with ``y = (x - mean) * (r * scale) + bias``,
 ``r = rsqrt(var + eps)`` (flax.linen's order of operations), statistics in float32 and
-exact to rounding when ``|mean| >> std`` (two passes over a row held in L1 cache; blocks of
+exact to rounding when ``|mean| >> std`` (a row's sums shifted by its first element, an exact
+two-pass recomputation from L1 cache where that element is far out; blocks of
 channel moments merged with Chan, Golub & LeVeque's formula).
 
 Build. The source is compiled on first use with the system's C++ compiler (``$CXX``, else

@@ -21,8 +21,9 @@
 // Both compute y = (x - mean) * (r * scale) + bias with r = 1 / sqrt(var + eps), the order
 // of flax.linen's arithmetic, scale and bias float32 vectors over the features/channels.
 // With centered = false, mean = 0 and var is the mean square (RMSNorm). Statistics are
-// float32, exact to rounding when |mean| >> std: a row is reduced twice from L1 cache
-// (mean, then squared deviations), lane sums added in double; channel moments of blocks of
+// float32, exact to rounding when |mean| >> std: a row is summed once, shifted by its first
+// element (rows where that element lies over 8 std out are reduced again in two exact
+// passes from L1), lane sums added in double; channel moments of blocks of
 // rows (summed less their first row, then their squared deviations) merge with Chan, Golub
 // & LeVeque's parallel formula in double. x and y are float32 or bfloat16.
 
