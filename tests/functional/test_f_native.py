@@ -106,6 +106,26 @@ def test_rows_whose_first_element_is_far_out_take_the_exact_pass():
     np.testing.assert_allclose(y, ey, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_grouped_blocks_far_from_their_center_take_the_exact_passes(k):
+    # The grouped kernel sums each block of 256 rows in one pass shifted by a center (the
+    # mean of the block's first 8 rows, then the mean so far). Here those 8 rows lie 1000
+    # std out: the first block's E[d^2] - E[d]^2 would lose ~3e-5 of the variance (y 2e-4
+    # off) to cancellation; the guard (E[d]^2 > 16 var) sums that block again in two
+    # exact passes.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 700, 16)).astype(np.float32)
+    x[:, :8] += 1000.0
+    x = jnp.asarray(x)
+    ones, zeros = jnp.ones(16), jnp.zeros(16)
+    y, mean, var = native.grouped_normalize(x, ones, zeros, group_size=k, epsilon=1e-5,
+                                            centered=True, out_dtype=jnp.float32)
+    ey, emean, evar = _np_grouped(x, 1.0, 0.0, k, 1e-5, True)
+    np.testing.assert_allclose(var, evar, rtol=3e-6)  # without the guard: 4e-5 off
+    np.testing.assert_allclose(mean, emean, rtol=0, atol=1e-5 * np.sqrt(evar).min())
+    np.testing.assert_allclose(y, ey, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("loc", [0.3, 1e4])
 @pytest.mark.parametrize("batch,m,channels,k", [

