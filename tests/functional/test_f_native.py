@@ -130,6 +130,7 @@ def test_grouped_blocks_far_from_their_center_take_the_exact_passes(k):
 @pytest.mark.parametrize("loc", [0.3, 1e4])
 @pytest.mark.parametrize("batch,m,channels,k", [
     (1, 700, 128, 1),   # BatchNorm: blocks of 256 rows and a partial one, chunks over threads
+    (2, 40, 300, 1),    # two tiles of 128 channels, then 2 vectors and 12 single channels
     (5, 33, 12, 1),     # InstanceNorm, C off the vector width
     (4, 20, 40, 8),     # GroupNorm, 5 groups of 8
     (2, 1, 3, 3),       # one row, one group

@@ -428,6 +428,11 @@ inline void merge_moments(const double* count, const double* mean, const double*
   }
 }
 
+// Rows per block of the channel-tiled passes below: a block's rows stay in L1 while its
+// tiles of channels go over them (a tile sweeping all of a slab would read it from memory
+// once per tile).
+constexpr int64_t kRowBlock = 16;
+
 // y = (x - shift) * mul + bias over rows [m0, m1) of an (M, C) slab. Channels go in tiles
 // of kTile vectors whose shift, mul and bias stay in registers down the rows: the pass then
 // loads x only, three vector loads fewer per vector of x (BatchNorm forward over 128
@@ -436,25 +441,28 @@ template <typename T, typename U>
 void normalize_rows(const T* x, U* y, int64_t m0, int64_t m1, int64_t channels,
                     const float* shift, const float* mul, const float* bias) {
   constexpr int kTile = 8;
-  int64_t c = 0;
-  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
-    vfloat sh[kTile], mu[kTile], bi[kTile];
-    for (int t = 0; t < kTile; ++t) {
-      sh[t] = vload(shift + c + t * kLanes);
-      mu[t] = vload(mul + c + t * kLanes);
-      bi[t] = vload(bias + c + t * kLanes);
+  for (int64_t r0 = m0; r0 < m1; r0 += kRowBlock) {  // blocks of rows, in L1 across tiles
+    const int64_t r1 = std::min(m1, r0 + kRowBlock);
+    int64_t c = 0;
+    for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
+      vfloat sh[kTile], mu[kTile], bi[kTile];
+      for (int t = 0; t < kTile; ++t) {
+        sh[t] = vload(shift + c + t * kLanes);
+        mu[t] = vload(mul + c + t * kLanes);
+        bi[t] = vload(bias + c + t * kLanes);
+      }
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* xi = x + i * channels + c;
+        U* yi = y + i * channels + c;
+        for (int t = 0; t < kTile; ++t)
+          vstore(yi + t * kLanes, (vload(xi + t * kLanes) - sh[t]) * mu[t] + bi[t]);
+      }
     }
-    for (int64_t i = m0; i < m1; ++i) {
-      const T* xi = x + i * channels + c;
-      U* yi = y + i * channels + c;
-      for (int t = 0; t < kTile; ++t)
-        vstore(yi + t * kLanes, (vload(xi + t * kLanes) - sh[t]) * mu[t] + bi[t]);
-    }
+    if (c == channels) continue;
+    for (int64_t i = r0; i < r1; ++i)  // the remaining channels (fewer than a tile)
+      affine_pass(x + i * channels + c, y + i * channels + c, channels - c, shift + c, 1, 1.f,
+                  mul + c, bias + c);
   }
-  if (c == channels) return;
-  for (int64_t i = m0; i < m1; ++i)  // the remaining channels (fewer than a tile)
-    affine_pass(x + i * channels + c, y + i * channels + c, channels - c, shift + c, 1, 1.f,
-                mul + c, bias + c);
 }
 
 template <typename Pool, typename T, typename U>
