@@ -174,6 +174,23 @@ def test_bfloat16_in_and_out(kind, out):
                                atol=ulp * np.abs(rounded).max())
 
 
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("loc", [0.3, 300.0])
+@pytest.mark.parametrize("features", [24, 1000, 3000])
+def test_bfloat16_row_statistics_match_float64(features, loc, centered):
+    # bfloat16 rows are summed by AVX512-BF16 dot products where the CPU has them (products
+    # exact in float32, unshifted); rows with E[x]^2 > var (loc 300) take the shifted pass.
+    # F: under one 64-element step, off it (a scalar tail), over a 2048-element chunk.
+    rng = np.random.default_rng(features)
+    x = jnp.asarray(loc + rng.standard_normal((37, features)), jnp.bfloat16)
+    ones, zeros = jnp.ones(features), jnp.zeros(features)
+    _, mean, var = native.row_normalize(x, ones, zeros, epsilon=1e-6, centered=centered,
+                                        out_dtype=jnp.float32)
+    _, emean, evar = _np_rows(x.astype(jnp.float32), 1.0, 0.0, 1e-6, centered)
+    np.testing.assert_allclose(var, evar, rtol=2e-6)
+    np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16])
 def test_non_finite_rows_stay_non_finite(out):
     x = jnp.ones((4, 33), jnp.float32).at[1, 32].set(jnp.nan).at[2, 3].set(jnp.inf)

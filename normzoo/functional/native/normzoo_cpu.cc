@@ -225,6 +225,49 @@ void shifted_sums(const T* v, int64_t n, float shift, double* sum, double* sum_s
   *sum_sq = s2;
 }
 
+// A bfloat16 row's moments from unshifted sums of x and x^2 taken with AVX512-BF16 dot
+// products (vdpbf16ps: x * 1 and x * x are exact in float32; 32 elements per instruction,
+// no widening), lane totals added in double per chunk of 2048 elements. Returns false
+// (leaving the row to the shifted pass) where the instructions are missing, for float32
+// rows, and for rows whose E[x]^2 > var: there E[x^2] - E[x]^2 would cancel more than one
+// bit of the float sums' rounding. Denormal bfloat16 inputs (|x| < 1.2e-38) count as 0.
+template <typename T>
+bool bf16_row_moments(const T*, int64_t, bool, double, float*, float*) { return false; }
+#if defined(__AVX512BF16__) && NZ_LANES == 16
+inline bool bf16_row_moments(const bf16_bits* x, int64_t n, bool centered, double inv_n,
+                             float* mean, float* var) {
+  constexpr int64_t kChunk = 2048;
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bfloat16 1.0
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    int64_t j1 = std::min(n, j0 + kChunk), j = j0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, q0 = a0, q1 = a0;
+    for (; j + 64 <= j1; j += 64) {
+      __m512bh u = (__m512bh)_mm512_loadu_si512(x + j);
+      __m512bh w = (__m512bh)_mm512_loadu_si512(x + j + 32);
+      if (centered) {
+        a0 = _mm512_dpbf16_ps(a0, u, ones);
+        a1 = _mm512_dpbf16_ps(a1, w, ones);
+      }
+      q0 = _mm512_dpbf16_ps(q0, u, u);
+      q1 = _mm512_dpbf16_ps(q1, w, w);
+    }
+    s1 += hsum(_mm512_add_ps(a0, a1));
+    s2 += hsum(_mm512_add_ps(q0, q1));
+    for (; j < j1; ++j) {
+      double e = load(x, j);
+      s1 += e;
+      s2 += e * e;
+    }
+  }
+  double mu = centered ? s1 * inv_n : 0.0, v = s2 * inv_n - mu * mu;
+  if (!(mu * mu <= v)) return false;  // far from 0 (or not finite): the shifted pass
+  *mean = float(mu);
+  *var = float(v);
+  return true;
+}
+#endif
+
 template <typename Pool, typename T, typename U>
 void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
               U* y, float* mean, float* var, int64_t rows, int64_t features, float eps,
@@ -241,7 +284,9 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
       // 8 std from the mean (E[d]^2 > 64 var), E[d^2] - E[d]^2 would lose > 2^-17 of var
       // to cancellation, and the row is reduced again exactly (two passes from L1).
       float m = 0.f, v;
-      if (centered) {
+      if (bf16_row_moments(xr, features, centered, inv_n, &m, &v)) {
+        // bfloat16 rows: sums by dot products (below)
+      } else if (centered) {
         float shift = load(xr, 0);
         double sum, sum_sq;
         shifted_sums(xr, features, shift, &sum, &sum_sq);
