@@ -191,6 +191,26 @@ def test_bfloat16_row_statistics_match_float64(features, loc, centered):
     np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("loc", [0.3, 300.0])
+@pytest.mark.parametrize("batch,m,channels,k", [
+    (1, 701, 128, 1),   # BatchNorm: an odd block of rows (the last row pairs with zeros)
+    (2, 40, 300, 1),    # tiles of 128 and 32 channels, then 12 single ones
+    (3, 50, 64, 4),     # GroupNorm
+])
+def test_bfloat16_grouped_statistics_match_float64(batch, m, channels, k, loc, centered):
+    # bfloat16 blocks are summed by AVX512-BF16 dot products over pairs of rows where the
+    # CPU has them; blocks with a channel's E[x]^2 > 4 var (loc 300) take the shifted pass.
+    rng = np.random.default_rng(m + channels)
+    x = jnp.asarray(loc + rng.standard_normal((batch, m, channels)), jnp.bfloat16)
+    ones, zeros = jnp.ones(channels), jnp.zeros(channels)
+    _, mean, var = native.grouped_normalize(x, ones, zeros, group_size=k, epsilon=1e-5,
+                                            centered=centered, out_dtype=jnp.float32)
+    _, emean, evar = _np_grouped(x.astype(jnp.float32), 1.0, 0.0, k, 1e-5, centered)
+    np.testing.assert_allclose(var, evar, rtol=2e-6)
+    np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16])
 def test_non_finite_rows_stay_non_finite(out):
     x = jnp.ones((4, 33), jnp.float32).at[1, 32].set(jnp.nan).at[2, 3].set(jnp.inf)

@@ -394,6 +394,89 @@ void column_shifted_sums(const T* x, int64_t b0, int64_t b1, int64_t channels,
   }
 }
 
+// A bfloat16 block's per-channel mean and M2 from unshifted sums of x and x^2 taken with
+// AVX512-BF16 dot products over pairs of rows: two rows' vectors of 32 channels are
+// interleaved (unpacklo/hi) so each 32-bit lane holds one channel of both rows, and
+// vdpbf16ps adds x_i * 1 + x_(i+1) * 1 (or the squares, exact in float32) to it: per two
+// rows of 32 channels 2 unpacks and 4 instructions, where widening and the shifted float
+// sums take 20. Returns false (the block is left to the shifted pass) where the
+// instructions are missing, for float32 x, and where a channel's E[x]^2 > 4 var (the
+// cancellation in E[x^2] - E[x]^2 would cost more than 2 bits of the float sums).
+template <typename T>
+bool dot_block_moments(const T*, int64_t, int64_t, int64_t, bool, double*, double*) {
+  return false;
+}
+#if defined(__AVX512BF16__) && NZ_LANES == 16
+inline bool dot_block_moments(const bf16_bits* x, int64_t b0, int64_t b1, int64_t channels,
+                              bool centered, double* mean, double* m2) {
+  constexpr int kTile = 4;  // vectors of 32 channels
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bfloat16 1.0
+  const __m512i zero = _mm512_setzero_si512();
+  const double nb = double(b1 - b0);
+  float s[kTile * 32], q[kTile * 32];
+  auto finish = [&](int64_t c, int64_t count) {  // lanes -> channels, then the moments
+    for (int64_t j = 0; j < count; ++j) {
+      double mu = centered ? double(s[j]) / nb : 0.0;
+      mean[c + j] = mu;
+      m2[c + j] = double(q[j]) - mu * mu * nb;
+    }
+  };
+  int64_t c = 0;
+  for (; c + 32 <= channels;) {
+    const int tiles = int(std::min<int64_t>(kTile, (channels - c) / 32));
+    __m512 lo_s[kTile], hi_s[kTile], lo_q[kTile], hi_q[kTile];
+    for (int t = 0; t < kTile; ++t)
+      lo_s[t] = hi_s[t] = lo_q[t] = hi_q[t] = _mm512_setzero_ps();
+    for (int64_t i = b0; i < b1; i += 2) {
+      const bf16_bits* xi = x + i * channels + c;
+      for (int t = 0; t < tiles; ++t) {
+        __m512i u = _mm512_loadu_si512(xi + 32 * t);
+        __m512i w = i + 1 < b1 ? _mm512_loadu_si512(xi + channels + 32 * t) : zero;
+        __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(u, w);
+        __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(u, w);
+        if (centered) {
+          lo_s[t] = _mm512_dpbf16_ps(lo_s[t], lo, ones);
+          hi_s[t] = _mm512_dpbf16_ps(hi_s[t], hi, ones);
+        }
+        lo_q[t] = _mm512_dpbf16_ps(lo_q[t], lo, lo);
+        hi_q[t] = _mm512_dpbf16_ps(hi_q[t], hi, hi);
+      }
+    }
+    // Lane 4L + k of the lo (hi) sums is channel 8L + k (8L + 4 + k) of its 32.
+    for (int t = 0; t < tiles; ++t) {
+      alignas(64) float ls[16], hs[16], lq[16], hq[16];
+      _mm512_store_ps(ls, lo_s[t]);
+      _mm512_store_ps(hs, hi_s[t]);
+      _mm512_store_ps(lq, lo_q[t]);
+      _mm512_store_ps(hq, hi_q[t]);
+      for (int l = 0; l < 16; ++l) {
+        int at = 32 * t + 8 * (l / 4) + l % 4;
+        s[at] = ls[l];
+        s[at + 4] = hs[l];
+        q[at] = lq[l];
+        q[at + 4] = hq[l];
+      }
+    }
+    finish(c, 32 * tiles);
+    c += 32 * tiles;
+  }
+  if (c < channels) {  // the last channels (fewer than 32): widened, in float
+    const int64_t rest = channels - c;
+    for (int64_t j = 0; j < rest; ++j) s[j] = q[j] = 0.f;
+    for (int64_t i = b0; i < b1; ++i)
+      for (int64_t j = 0; j < rest; ++j) {
+        float e = load(x, i * channels + c + j);
+        s[j] += e;
+        q[j] += e * e;
+      }
+    finish(c, rest);
+  }
+  for (int64_t j = 0; j < channels; ++j)
+    if (!(mean[j] * mean[j] * nb <= 4.0 * m2[j])) return false;  // also NaN, inf
+  return true;
+}
+#endif
+
 // Per-channel (count, mean, M2) of rows [m0, m1) of one (M, C) slab, merged block by block
 // with Chan et al.'s formula. Each block (at most kBlock rows, in L2 cache) is summed in one
 // pass shifted by a center: the mean of its first 8 rows for the first block, the mean so
@@ -407,10 +490,25 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool 
   constexpr int64_t kBlock = 256;
   std::vector<float> center(channels, 0.f), bsum(channels), bsq(channels);
   std::vector<double> bmean(channels), bm2(channels);
+  auto merge = [&](double nb) {  // the block's (nb, bmean, bm2) into the running moments
+    for (int64_t c = 0; c < channels; ++c) {
+      double n_old = count[c], n_new = n_old + nb;
+      double delta = bmean[c] - mean[c];
+      mean[c] += delta * nb / n_new;
+      m2[c] += bm2[c] + delta * delta * n_old * nb / n_new;
+      count[c] = n_new;
+    }
+  };
   for (int64_t c = 0; c < channels; ++c) count[c] = mean[c] = m2[c] = 0.0;
+  bool dot = true;  // bfloat16: dot-product sums until a block needs the shifted pass
   for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
     int64_t b1 = std::min(m1, b0 + kBlock);
     double nb = double(b1 - b0);
+    if (dot && (dot = dot_block_moments(x, b0, b1, channels, centered, bmean.data(),
+                                        bm2.data()))) {
+      merge(nb);
+      continue;
+    }
     if (centered && b0 == m0) {  // the mean of the first (up to) 8 rows
       int64_t rows = std::min<int64_t>(8, b1 - b0);
       for (int64_t c = 0; c < channels; ++c) {
@@ -439,13 +537,7 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool 
         bm2[c] = bsq[c];
       }
     }
-    for (int64_t c = 0; c < channels; ++c) {
-      double n_old = count[c], n_new = n_old + nb;
-      double delta = bmean[c] - mean[c];
-      mean[c] += delta * nb / n_new;
-      m2[c] += bm2[c] + delta * delta * n_old * nb / n_new;
-      count[c] = n_new;
-    }
+    merge(nb);
   }
 }
 
