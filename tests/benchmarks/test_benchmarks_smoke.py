@@ -194,3 +194,23 @@ def test_per_iteration_is_the_slope_without_the_per_call_cost():
     assert per_iteration(0.037, 0.057, 4) == pytest.approx(0.005)
     # Noise made the longer run no slower: the plain average of the longer run.
     assert per_iteration(0.050, 0.049, 4) == pytest.approx(0.049 / 8)
+
+
+def test_bounds_output_half_and_quick_run(capsys):
+    # The output half is the layer's affine with the given statistics; the quick run times
+    # it, the copy and normzoo for each layer and dtype (6 rows of positive times).
+    from benchmarks import bounds
+
+    variant = layers.Variant("ln")
+    x, _, params, _ = layers._inputs(variant, (4, 8), np.float32)
+    y, _ = bounds.output_given_stats(variant, (4, 8))(np.float32)(params, {}, x)
+    expected = ((np.asarray(x) - 0.01) * (0.999 * np.asarray(params["scale"]))
+                + np.asarray(params["bias"]))
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    assert bounds.main(["--quick"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| layer")]
+    assert len(rows) == 6
+    for row in rows:
+        times = [float(v) for v in row.strip("| ").split(" | ")[3:6]]
+        assert all(t > 0 for t in times), row
