@@ -23,9 +23,11 @@
 // With centered = false, mean = 0 and var is the mean square (RMSNorm). Statistics are
 // float32, exact to rounding when |mean| >> std: a row is summed once, shifted by its first
 // element (rows where that element lies over 8 std out are reduced again in two exact
-// passes from L1), lane sums added in double; channel moments of blocks of
-// rows (summed less their first row, then their squared deviations) merge with Chan, Golub
-// & LeVeque's parallel formula in double. x and y are float32 or bfloat16.
+// passes from L1), lane sums added in double; channel moments of blocks of 256 rows (one
+// pass shifted by a center near the mean, two exact passes where it is over 4 std off)
+// merge with Chan, Golub & LeVeque's parallel formula in double. x and y are float32 or
+// bfloat16; with AVX512-BF16, bfloat16 rows and blocks whose mean is within 1 (rows) or 2
+// (blocks) std of 0 are summed unshifted by dot-product instructions, without widening.
 
 #include <algorithm>
 #include <atomic>
