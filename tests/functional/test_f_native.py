@@ -341,6 +341,12 @@ from normzoo.functional.native import linear  # noqa: E402
 BACKWARD_VIEWS = {
     "ln": (linear.View("row", 40, centered=True, epsilon=1e-6, stat_shape=(6, 1)), (6, 40)),
     "rms": (linear.View("row", 21, centered=False, epsilon=1e-6, stat_shape=(5, 1)), (5, 21)),
+    # Over 4 rows per item of the thread pool's (at most 4 per thread, up to 64 threads):
+    # the row backward's groups of 4 rows and a partial one.
+    "ln_rows": (linear.View("row", 40, centered=True, epsilon=1e-6, stat_shape=(1301, 1)),
+                (1301, 40)),
+    "rms_rows": (linear.View("row", 21, centered=False, epsilon=1e-6, stat_shape=(1293,)),
+                 (1293, 21)),
     "bn": (linear.View("grouped", 20, batch=1, epsilon=1e-5, stat_shape=(1, 20)), (1, 300, 20)),
     "gn": (linear.View("grouped", 24, batch=3, group_size=6, epsilon=1e-5, stat_shape=(3, 4)),
            (3, 7, 24)),

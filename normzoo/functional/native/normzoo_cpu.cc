@@ -694,6 +694,17 @@ void gradient_pass(const T* x, const G* gy, T* gx, int64_t n, const float* a, fl
   }
 }
 
+// gx[j] = r (scale[j] gy[j]) + (x[j] - m) b + d over one row (r, m, b, d scalars).
+template <typename T, typename G>
+void row_gradient(const T* x, const G* gy, T* gx, int64_t n, const float* scale, float r,
+                  float m, float b, float d) {
+  const vfloat rv = vfloat{} + r, mv = vfloat{} + m, bv = vfloat{} + b, dv = vfloat{} + d;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    vstore(gx + j, rv * (vload(scale + j) * vload(gy + j)) + ((vload(x + j) - mv) * bv + dv));
+  for (; j < n; ++j) store(gx, j, r * (scale[j] * load(gy, j)) + ((load(x, j) - m) * b + d));
+}
+
 template <typename Pool, typename T, typename G>
 void row_norm_backward(Pool& pool, const T* x, const G* gy, const float* scale,
                        const float* mean, const float* var, const float* gmean,
@@ -707,35 +718,59 @@ void row_norm_backward(Pool& pool, const T* x, const G* gy, const float* scale,
   parallel_for(pool, items, [&](int64_t item) {
     float* ps = &sums[item * 2 * features];  // gscale partial, then gbias partial
     float* pb = ps + features;
-    std::vector<float> a(features);
-    int64_t r1 = std::min(rows, (item + 1) * rows_per_item);
-    for (int64_t r = item * rows_per_item; r < r1; ++r) {
-      const T* xr = x + r * features;
-      const G* gr = gy + r * features;
-      const float m = mean[r], rr = 1.f / std::sqrt(var[r] + eps);
-      // One pass from memory: E[g], E[g xhat] and the param sums; the row stays in L1.
-      vfloat sg = {}, sgx = {};
-      const vfloat mv = vfloat{} + m, rv = vfloat{} + rr;
+    const int64_t r_end = std::min(rows, (item + 1) * rows_per_item);
+    // Rows in groups of kRows: one pass from memory gives each row's E[g] and E[g xhat] and
+    // the group's param sums (ps and pb read and written once per group, scale loaded once
+    // per group); the rows stay in L1 for their gradient pass.
+    constexpr int kRows = 4;
+    for (int64_t r0 = item * rows_per_item; r0 < r_end; r0 += kRows) {
+      const int nr = int(std::min<int64_t>(kRows, r_end - r0));
+      float m[kRows], rr[kRows];
+      vfloat mv[kRows], rv[kRows], sg[kRows], sgx[kRows];
+      for (int q = 0; q < nr; ++q) {
+        m[q] = mean[r0 + q];
+        rr[q] = 1.f / std::sqrt(var[r0 + q] + eps);
+        mv[q] = vfloat{} + m[q];
+        rv[q] = vfloat{} + rr[q];
+        sg[q] = sgx[q] = vfloat{};
+      }
       int64_t j = 0;
       for (; j + kLanes <= features; j += kLanes) {
-        vfloat g0 = vload(gr + j), xh = (vload(xr + j) - mv) * rv, g = g0 * vload(scale + j);
-        sg += g;
-        sgx += g * xh;
-        vstore(ps + j, vload(ps + j) + g0 * xh);
-        vstore(pb + j, vload(pb + j) + g0);
+        const vfloat sc = vload(scale + j);
+        vfloat accs = vload(ps + j), accb = vload(pb + j);
+        for (int q = 0; q < nr; ++q) {
+          const int64_t at = (r0 + q) * features + j;
+          vfloat g0 = vload(gy + at), xh = (vload(x + at) - mv[q]) * rv[q], g = g0 * sc;
+          sg[q] += g;
+          sgx[q] += g * xh;
+          accs += g0 * xh;
+          accb += g0;
+        }
+        vstore(ps + j, accs);
+        vstore(pb + j, accb);
       }
-      double tg = hsum(sg), tgx = hsum(sgx);
-      for (; j < features; ++j) {
-        float g0 = load(gr, j), xh = (load(xr, j) - m) * rr;
-        tg += g0 * scale[j];
-        tgx += g0 * scale[j] * xh;
-        ps[j] += g0 * xh;
-        pb[j] += g0;
+      double tg[kRows], tgx[kRows];
+      for (int q = 0; q < nr; ++q) {
+        tg[q] = hsum(sg[q]);
+        tgx[q] = hsum(sgx[q]);
       }
-      float b = float((2.0 * gvar[r] - double(rr) * rr * tgx) * inv_n);
-      float d = float(((centered ? gmean[r] : 0.0) - (centered ? rr * tg : 0.0)) * inv_n);
-      for (int64_t c = 0; c < features; ++c) a[c] = rr * scale[c];
-      gradient_pass(xr, gr, gx + r * features, features, a.data(), m, nullptr, &b, &d, 0);
+      for (; j < features; ++j)
+        for (int q = 0; q < nr; ++q) {
+          const int64_t at = (r0 + q) * features + j;
+          float g0 = load(gy, at), xh = (load(x, at) - m[q]) * rr[q];
+          tg[q] += g0 * scale[j];
+          tgx[q] += g0 * scale[j] * xh;
+          ps[j] += g0 * xh;
+          pb[j] += g0;
+        }
+      for (int q = 0; q < nr; ++q) {
+        const int64_t r = r0 + q;
+        float b = float((2.0 * gvar[r] - double(rr[q]) * rr[q] * tgx[q]) * inv_n);
+        float d = float(((centered ? gmean[r] : 0.0) - (centered ? rr[q] * tg[q] : 0.0)) *
+                        inv_n);
+        row_gradient(x + r * features, gy + r * features, gx + r * features, features, scale,
+                     rr[q], m[q], b, d);
+      }
     }
   });
   for (int64_t j = 0; j < features; ++j) {
