@@ -311,9 +311,9 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
 #: backward kernel. Keys: (kernel, x dtype, variant), variant ``centered`` (LN) or
 #: ``uncentered`` (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes
 #: reduced too) for groups. Measured in training-step loops (``python -m benchmarks
-#: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.28, RMS 1.14
-#: (since the row backward takes rows in groups of 4; 0.83 before), GN 1.55, IN 1.25;
-#: bfloat16 LN 2.81, RMS 1.49, BN 1.83, GN 3.37, IN 2.54. Left out: float32 BN (0.60), where
+#: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.13-1.28, RMS
+#: 0.97-1.14 (a tie since the row backward takes rows in groups of 4; 0.83 before), GN 1.86,
+#: IN 1.31; bfloat16 LN 2.69, RMS 1.78, BN 1.94, GN 4.17, IN 3.03. Left out: float32 BN (0.60), where
 #: XLA's backward (column reductions fused with the input's update) is faster. Only for x of
 #: at least ``native.MIN_SIZE["backward"]`` elements: on smaller arrays XLA's fused code was
 #: faster.
