@@ -287,7 +287,7 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
       // to cancellation, and the row is reduced again exactly (two passes from L1).
       float m = 0.f, v;
       if (bf16_row_moments(xr, features, centered, inv_n, &m, &v)) {
-        // bfloat16 rows: sums by dot products (below)
+        // bfloat16 rows: sums by dot products (bf16_row_moments)
       } else if (centered) {
         float shift = load(xr, 0);
         double sum, sum_sq;
