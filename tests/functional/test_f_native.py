@@ -211,6 +211,21 @@ def test_bfloat16_grouped_statistics_match_float64(batch, m, channels, k, loc, c
     np.testing.assert_allclose(mean, emean, rtol=1e-6, atol=1e-6)
 
 
+def test_bfloat16_groups_judge_cancellation_by_the_group():
+    # GroupNorm: channel means (-3, -1, 1, 3) std, 2 std out or more each, but a group's
+    # M2 holds their spread, so its dot-product sums lose little: the group's statistics
+    # still match float64 (and this data takes the dot-product path where the CPU has it).
+    rng = np.random.default_rng(5)
+    offsets = np.tile([-3.0, -1.0, 1.0, 3.0], 16)
+    x = jnp.asarray(offsets + rng.standard_normal((2, 600, 64)), jnp.bfloat16)
+    ones, zeros = jnp.ones(64), jnp.zeros(64)
+    _, mean, var = native.grouped_normalize(x, ones, zeros, group_size=4, epsilon=1e-5,
+                                            centered=True, out_dtype=jnp.float32)
+    _, emean, evar = _np_grouped(x.astype(jnp.float32), 1.0, 0.0, 4, 1e-5, True)
+    np.testing.assert_allclose(var, evar, rtol=2e-6)
+    np.testing.assert_allclose(mean, emean, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("out", [jnp.float32, jnp.bfloat16])
 def test_non_finite_rows_stay_non_finite(out):
     x = jnp.ones((4, 33), jnp.float32).at[1, 32].set(jnp.nan).at[2, 3].set(jnp.inf)

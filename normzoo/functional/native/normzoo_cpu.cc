@@ -402,15 +402,18 @@ void column_shifted_sums(const T* x, int64_t b0, int64_t b1, int64_t channels,
 // vdpbf16ps adds x_i * 1 + x_(i+1) * 1 (or the squares, exact in float32) to it: per two
 // rows of 32 channels 2 unpacks and 4 instructions, where widening and the shifted float
 // sums take 20. Returns false (the block is left to the shifted pass) where the
-// instructions are missing, for float32 x, and where a channel's E[x]^2 > 4 var (the
-// cancellation in E[x^2] - E[x]^2 would cost more than 2 bits of the float sums).
+// instructions are missing, for float32 x, and where in a group of k channels (the
+// statistic the caller needs) sum E[x]^2 > 4 M2 / n: the rounding of each channel's sum of
+// squares, ~ n (E[x]^2 + var), would then exceed 5 float roundings of the group's M2 (for
+// GroupNorm the spread of the channel means counts into M2).
 template <typename T>
-bool dot_block_moments(const T*, int64_t, int64_t, int64_t, bool, double*, double*) {
+bool dot_block_moments(const T*, int64_t, int64_t, int64_t, int64_t, bool, double*,
+                       double*) {
   return false;
 }
 #if defined(__AVX512BF16__) && NZ_LANES == 16
 inline bool dot_block_moments(const bf16_bits* x, int64_t b0, int64_t b1, int64_t channels,
-                              bool centered, double* mean, double* m2) {
+                              int64_t k, bool centered, double* mean, double* m2) {
   constexpr int kTile = 4;  // vectors of 32 channels
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bfloat16 1.0
   const __m512i zero = _mm512_setzero_si512();
@@ -473,8 +476,16 @@ inline bool dot_block_moments(const bf16_bits* x, int64_t b0, int64_t b1, int64_
       }
     finish(c, rest);
   }
-  for (int64_t j = 0; j < channels; ++j)
-    if (!(mean[j] * mean[j] * nb <= 4.0 * m2[j])) return false;  // also NaN, inf
+  for (int64_t g = 0; g < channels; g += k) {
+    double mu = 0.0, sq = 0.0, within = 0.0, between = 0.0;
+    for (int64_t j = g; j < g + k; ++j) mu += mean[j] / double(k);
+    for (int64_t j = g; j < g + k; ++j) {
+      sq += mean[j] * mean[j];
+      within += m2[j];
+      between += (mean[j] - mu) * (mean[j] - mu);
+    }
+    if (!(sq * nb <= 4.0 * (within + between * nb))) return false;  // also NaN, inf
+  }
   return true;
 }
 #endif
@@ -485,10 +496,11 @@ inline bool dot_block_moments(const bf16_bits* x, int64_t b0, int64_t b1, int64_
 // far after it, so no float sum grows to ~kBlock |mean|. M2 = sum d^2 - (sum d)^2 / n
 // loses (E[d]^2 / var + 1) float roundings of the block's M2 to cancellation; where a
 // channel's center lies over 4 std from the block's mean (E[d]^2 > 16 var), the block is
-// summed again in two exact passes (its mean, then its squared deviations) from L2.
+// summed again in two exact passes (its mean, then its squared deviations) from L2. k: the
+// channels per statistic (1, or GroupNorm's group size), for dot_block_moments' guard.
 template <typename T>
-void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool centered,
-                     double* count, double* mean, double* m2) {
+void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, int64_t k,
+                     bool centered, double* count, double* mean, double* m2) {
   constexpr int64_t kBlock = 256;
   std::vector<float> center(channels, 0.f), bsum(channels), bsq(channels);
   std::vector<double> bmean(channels), bm2(channels);
@@ -506,7 +518,7 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, bool 
   for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
     int64_t b1 = std::min(m1, b0 + kBlock);
     double nb = double(b1 - b0);
-    if (dot && (dot = dot_block_moments(x, b0, b1, channels, centered, bmean.data(),
+    if (dot && (dot = dot_block_moments(x, b0, b1, channels, k, centered, bmean.data(),
                                         bm2.data()))) {
       merge(nb);
       continue;
@@ -623,7 +635,7 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
   auto moments = [&](int64_t item) {
     int64_t b = item / chunks, chunk = item % chunks;
     int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
-    channel_moments(x + b * m * channels, m0, m1, channels, centered,
+    channel_moments(x + b * m * channels, m0, m1, channels, k, centered,
                     &count[item * channels], &mean[item * channels], &m2[item * channels]);
   };
   auto finish = [&](int64_t b) {  // b's statistics from its chunks' moments
