@@ -312,11 +312,11 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
 #: ``uncentered`` (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes
 #: reduced too) for groups. Measured in training-step loops (``python -m benchmarks
 #: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.13-1.28, RMS
-#: 0.97-1.14 (a tie since the row backward takes rows in groups of 4; 0.83 before), GN 1.86,
-#: IN 1.31; bfloat16 LN 2.69, RMS 1.78, BN 1.94, GN 4.17, IN 3.03. Left out: float32 BN (0.60), where
-#: XLA's backward (column reductions fused with the input's update) is faster. Only for x of
-#: at least ``native.MIN_SIZE["backward"]`` elements: on smaller arrays XLA's fused code was
-#: faster.
+#: 0.97-1.15 (a tie or better since the row backward takes rows in groups of 4; 0.83
+#: before), GN 1.86, IN 1.31; bfloat16 LN 2.69, RMS 1.78, BN 1.94, GN 4.17, IN 3.03. Left
+#: out: float32 BN (0.60), where XLA's backward (column reductions fused with the input's
+#: update) is faster. Only for x of at least ``native.MIN_SIZE["backward"]`` elements: on
+#: smaller arrays XLA's fused code was faster.
 NATIVE_BACKWARD_PLAN = {
     ("row", "float32", "centered"), ("row", "bfloat16", "centered"),
     ("row", "float32", "uncentered"), ("row", "bfloat16", "uncentered"),

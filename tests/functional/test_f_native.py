@@ -200,7 +200,8 @@ def test_bfloat16_row_statistics_match_float64(features, loc, centered):
 ])
 def test_bfloat16_grouped_statistics_match_float64(batch, m, channels, k, loc, centered):
     # bfloat16 blocks are summed by AVX512-BF16 dot products over pairs of rows where the
-    # CPU has them; blocks with a channel's E[x]^2 > 4 var (loc 300) take the shifted pass.
+    # CPU has them; blocks whose statistics have sum E[x]^2 > 4 M2 / n (loc 300) take the
+    # shifted pass.
     rng = np.random.default_rng(m + channels)
     x = jnp.asarray(loc + rng.standard_normal((batch, m, channels)), jnp.bfloat16)
     ones, zeros = jnp.ones(channels), jnp.zeros(channels)
