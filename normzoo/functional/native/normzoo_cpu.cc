@@ -315,41 +315,6 @@ void row_norm(Pool& pool, const T* x, const float* scale, const float* bias,
   });
 }
 
-// Column sums over rows [b0, b1) of an (M, C) slab of x - center (Squared = false) or of
-// (x - center)^2. Channels go in tiles of kTile vectors whose accumulators stay in
-// registers down the rows (for C <= kTile * kLanes = 128: one sequential stream).
-template <bool Squared, typename T>
-void column_sums(const T* x, int64_t b0, int64_t b1, int64_t channels, const float* center,
-                 float* out) {
-  constexpr int kTile = 8;
-  auto term = [&](const T* p, int64_t c) {
-    vfloat e = vload(p + c) - vload(center + c);
-    return Squared ? e * e : e;
-  };
-  int64_t c = 0;
-  for (; c + kTile * kLanes <= channels; c += kTile * kLanes) {
-    vfloat acc[kTile] = {};
-    for (int64_t i = b0; i < b1; ++i) {
-      const T* xi = x + i * channels;
-      for (int t = 0; t < kTile; ++t) acc[t] += term(xi, c + t * kLanes);
-    }
-    for (int t = 0; t < kTile; ++t) vstore(out + c + t * kLanes, acc[t]);
-  }
-  for (; c + kLanes <= channels; c += kLanes) {
-    vfloat acc = {};
-    for (int64_t i = b0; i < b1; ++i) acc += term(x + i * channels, c);
-    vstore(out + c, acc);
-  }
-  for (; c < channels; ++c) {
-    float acc = 0.f;
-    for (int64_t i = b0; i < b1; ++i) {
-      float e = load(x, i * channels + c) - center[c];
-      acc += Squared ? e * e : e;
-    }
-    out[c] = acc;
-  }
-}
-
 // Per-channel sums of d = x - center and of d^2 over rows [b0, b1) of an (M, C) slab, in
 // one pass: tiles of kTile vectors of channels, their centers and both sums in registers.
 template <typename T>
@@ -541,14 +506,15 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, int64
       bm2[c] = double(bsq[c]) - shifted_mean * shifted_mean * nb;
       exact |= shifted_mean * shifted_mean * nb > 16.0 * bm2[c];
     }
-    if (exact) {  // the block's mean, then the squared deviations from it
+    if (exact) {  // the block's mean (shifted by its first row), then the deviations from it
       for (int64_t c = 0; c < channels; ++c) center[c] = load(x + b0 * channels, c);
-      column_sums<false>(x, b0, b1, channels, center.data(), bsum.data());
+      column_shifted_sums(x, b0, b1, channels, center.data(), bsum.data(), bsq.data());
       for (int64_t c = 0; c < channels; ++c) center[c] = float(center[c] + bsum[c] / nb);
-      column_sums<true>(x, b0, b1, channels, center.data(), bsq.data());
+      column_shifted_sums(x, b0, b1, channels, center.data(), bsum.data(), bsq.data());
       for (int64_t c = 0; c < channels; ++c) {
-        bmean[c] = center[c];
-        bm2[c] = bsq[c];
+        double shifted_mean = double(bsum[c]) / nb;  // ~0: the center is the block's mean
+        bmean[c] = double(center[c]) + shifted_mean;
+        bm2[c] = double(bsq[c]) - shifted_mean * shifted_mean * nb;
       }
     }
     merge(nb);
@@ -688,22 +654,15 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
 // (not centered: mean = 0 and no E[g] or gmean terms). The statistics' cotangents gmean
 // and gvar make gradients through the returned moments (running averages) exact.
 
-// gx[j] = a[j] gy[j] + (x[j] - shift) * b + d over a row or one row of channels; a per
-// element vector, b and d scalars (row) or vectors (channels, stride 1).
+// gx[j] = a[j] gy[j] + (x[j] - shift[j]) b[j] + d[j] over one row of channels.
 template <typename T, typename G>
-void gradient_pass(const T* x, const G* gy, T* gx, int64_t n, const float* a, float shift,
-                   const float* shift_v, const float* b, const float* d, int stride) {
+void gradient_pass(const T* x, const G* gy, T* gx, int64_t n, const float* a,
+                   const float* shift, const float* b, const float* d) {
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    vfloat sh = shift_v ? vload(shift_v + j) : vfloat{} + shift;
-    vfloat bv = stride ? vload(b + j) : vfloat{} + b[0];
-    vfloat dv = stride ? vload(d + j) : vfloat{} + d[0];
-    vstore(gx + j, vload(a + j) * vload(gy + j) + (vload(x + j) - sh) * bv + dv);
-  }
-  for (; j < n; ++j) {
-    float sh = shift_v ? shift_v[j] : shift;
-    store(gx, j, a[j] * load(gy, j) + (load(x, j) - sh) * b[j * stride] + d[j * stride]);
-  }
+  for (; j + kLanes <= n; j += kLanes)
+    vstore(gx + j, vload(a + j) * vload(gy + j) + (vload(x + j) - vload(shift + j)) *
+                                                       vload(b + j) + vload(d + j));
+  for (; j < n; ++j) store(gx, j, a[j] * load(gy, j) + (load(x, j) - shift[j]) * b[j] + d[j]);
 }
 
 // gx[j] = r (scale[j] gy[j]) + (x[j] - m) b + d over one row (r, m, b, d scalars).
@@ -906,8 +865,8 @@ void grouped_norm_backward(Pool& pool, const T* x, const G* gy, const float* sca
     const int64_t off = b * channels;
     for (int64_t i = m0; i < m1; ++i) {
       const int64_t at = (b * m + i) * channels;
-      gradient_pass(x + at, gy + at, gx + at, channels, &a[off], 0.f, &shift[off], &bc[off],
-                    &d[off], 1);
+      gradient_pass(x + at, gy + at, gx + at, channels, &a[off], &shift[off], &bc[off],
+                    &d[off]);
     }
   };
   if (chunks == 1) {
