@@ -244,6 +244,7 @@ LAYERS = {
     "LayerNorm_2axes": dict(reduction_axes=(2, 3), feature_axes=(2, 3)),
     "RMSNorm": dict(),
     "BatchNorm": dict(use_running_average=False),
+    "BatchNorm_eval": dict(use_running_average=True),  # frozen statistics
     "GroupNorm": dict(num_groups=4),
     "InstanceNorm": dict(),
 }
@@ -281,9 +282,11 @@ def test_layers_native_and_xla_agree(name, dtype):
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
                                    rtol=tol, atol=tol)
-    kind = "grouped" if name in ("BatchNorm", "GroupNorm", "InstanceNorm") else "row"
+    kind = "grouped" if name.startswith(("BatchNorm", "GroupNorm", "InstanceNorm")) else "row"
     from normzoo.functional.fused import NATIVE_PLAN
-    assert ("normzoo_" in lowered) == ((kind, jnp.dtype(dtype).name) in NATIVE_PLAN)
+    # At inference BatchNorm's forward is XLA's elementwise loop (its derivative is native).
+    planned = name != "BatchNorm_eval" and (kind, jnp.dtype(dtype).name) in NATIVE_PLAN
+    assert ("normzoo_" in lowered) == planned
 
 
 def test_layer_under_vmap_grad_and_forward_mode():
@@ -367,6 +370,12 @@ BACKWARD_VIEWS = {
     "gn": (linear.View("grouped", 24, batch=3, group_size=6, epsilon=1e-5, stat_shape=(3, 4)),
            (3, 7, 24)),
     "in": (linear.View("grouped", 16, batch=4, epsilon=1e-5, stat_shape=(4, 16)), (4, 9, 16)),
+    # Statistics given (BatchNorm at inference): 1000 rows are two items of the thread pool,
+    # each over blocks of 64 rows and a partial one; 20 channels, a vector and 4 more.
+    "bn_frozen": (linear.View("grouped", 20, batch=1, epsilon=1e-5, stat_shape=(1, 20),
+                              frozen=True), (1, 1000, 20)),
+    "bn_frozen_rms": (linear.View("grouped", 20, batch=1, centered=False, epsilon=1e-5,
+                                  stat_shape=(1, 20), frozen=True), (1, 1000, 20)),
 }
 
 
@@ -461,11 +470,44 @@ def test_layer_gradients_native_and_xla_agree(name, dtype):
         top = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
         np.testing.assert_allclose(np.asarray(a, np.float32) / top,
                                    np.asarray(e, np.float32) / top, atol=tol)
-    kind = "grouped" if name in ("BatchNorm", "GroupNorm", "InstanceNorm") else "row"
+    kind = "grouped" if name.startswith(("BatchNorm", "GroupNorm", "InstanceNorm")) else "row"
     variant = {"LayerNorm": "centered", "LayerNorm_2axes": "centered", "RMSNorm": "uncentered",
-               "BatchNorm": "whole", "GroupNorm": "per_sample", "InstanceNorm": "per_sample"}
+               "BatchNorm": "whole", "BatchNorm_eval": "frozen", "GroupNorm": "per_sample",
+               "InstanceNorm": "per_sample"}
     planned = (kind, jnp.dtype(dtype).name, variant[name]) in fused.NATIVE_BACKWARD_PLAN
     assert ("backward" in lowered) == planned
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batchnorm_at_inference_gradients_match_flax(dtype):
+    # use_running_average=True: the derivative is the frozen-statistics kernel (one pass); the
+    # gradients of params, input and running statistics (folded into per-channel tangents)
+    # are flax.linen's autodiff, and forward mode with a tangent on the statistics too.
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((4, 5, 6, 40)), jnp.float32).astype(dtype)
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    variables = {"params": {"scale": jnp.linspace(0.5, 1.5, 40), "bias": jnp.linspace(-1, 1, 40)},
+                 "batch_stats": {"mean": jnp.linspace(2.0, 4.0, 40),
+                                 "var": jnp.linspace(1.0, 5.0, 40)}}
+
+    def loss(layer):
+        return lambda v, x: jnp.sum(layer.apply(v, x).astype(jnp.float32) * w)
+
+    ours = normzoo.BatchNorm(use_running_average=True, dtype=dtype)
+    flax_bn = nn.BatchNorm(use_running_average=True, dtype=dtype)
+    grad = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))
+    assert "normzoo_grouped_norm_backward" in grad.lower(variables, x).as_text()
+    got, expected = grad(variables, x), jax.grad(loss(flax_bn), argnums=(0, 1))(variables, x)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        top = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(a, np.float32) / top,
+                                   np.asarray(e, np.float32) / top, atol=2e-6)
+    tangent = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                           variables)
+    _, t_ours = jax.jvp(lambda v: ours.apply(v, x), (variables,), (tangent,))
+    _, t_flax = jax.jvp(lambda v: flax_bn.apply(v, x), (variables,), (tangent,))
+    np.testing.assert_allclose(np.asarray(t_ours, np.float32), np.asarray(t_flax, np.float32),
+                               rtol=2e-5, atol=2e-5)
 
 
 def test_native_backward_under_vmap_and_second_order():

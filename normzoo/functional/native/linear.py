@@ -38,7 +38,13 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """How a kernel reads x: ``row`` (R, F) or ``grouped`` (B, M, C) with groups of k."""
+    """How a kernel reads x: ``row`` (R, F) or ``grouped`` (B, M, C) with groups of k.
+
+    ``frozen`` (grouped only): the statistics are given, not x's own (BatchNorm at inference,
+    with its running averages): ``y = (x - mean) * (r * scale) + bias`` with ``mean`` and
+    ``var`` constants, so the tangent is ``r scale dx + (x - mean) r dscale + dbias`` and
+    its ``dmean``, ``dvar`` outputs are 0.
+    """
 
     kind: str
     features: int  # F (row) or C (grouped)
@@ -48,6 +54,11 @@ class View:
     epsilon: float = 1e-5
     out_dtype: Any = jnp.float32
     stat_shape: tuple[int, ...] = ()
+    frozen: bool = False
+
+    def __post_init__(self):
+        if self.frozen and self.kind != "grouped":
+            raise ValueError(f"frozen statistics need the grouped view, not {self.kind!r}")
 
     def attributes(self) -> dict[str, Any]:
         """The FFI attributes of the backward kernel."""
@@ -55,7 +66,7 @@ class View:
         if self.kind == "row":
             return dict(common, features=np.int64(self.features))
         return dict(common, group_size=np.int64(self.group_size), batch=np.int64(self.batch),
-                    channels=np.int64(self.features))
+                    channels=np.int64(self.features), frozen=bool(self.frozen))
 
 
 # ------------------------------------------------------------------ the jnp reference
@@ -77,10 +88,14 @@ def _reference_tangent(view: View, x, scale, mean, var, dx, dscale, dbias):
     m = mean.reshape(stat_b) if view.centered else 0.0
     r = lax.rsqrt(var.reshape(stat_b) + view.epsilon)
     c = xs - m
+    s, ds, db = (v.reshape(vec_b) for v in (scale, dscale, dbias))
+    if view.frozen:  # statistics given: no terms through them
+        zero = jnp.zeros(view.stat_shape, jnp.float32)
+        dy = s * (r * dxs) + c * r * ds + db
+        return dy.reshape(x.shape).astype(view.out_dtype), zero, zero
     dmean = jnp.mean(dxs, axes, keepdims=True) if view.centered else jnp.zeros_like(r)
     dvar = 2.0 * jnp.mean(c * dxs, axes, keepdims=True)
     dr = -0.5 * r * r * r * dvar
-    s, ds, db = (v.reshape(vec_b) for v in (scale, dscale, dbias))
     dy = s * (r * dxs - r * dmean + c * dr) + c * r * ds + db
     return (dy.reshape(x.shape).astype(view.out_dtype), dmean.reshape(view.stat_shape),
             dvar.reshape(view.stat_shape))

@@ -653,6 +653,9 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
 //
 // (not centered: mean = 0 and no E[g] or gmean terms). The statistics' cotangents gmean
 // and gvar make gradients through the returned moments (running averages) exact.
+// With frozen statistics (the grouped kernel's `frozen`: mean and var given, such as
+// BatchNorm's running averages at inference, not functions of x) gx = (r scale) gy alone,
+// written in the one pass that takes the sums for gscale and gbias.
 
 // gx[j] = a[j] gy[j] + (x[j] - shift[j]) b[j] + d[j] over one row of channels.
 template <typename T, typename G>
@@ -791,21 +794,32 @@ void gradient_column_sums(const T* x, const G* gy, int64_t b0, int64_t b1, int64
   }
 }
 
-// The same over rows [m0, m1): float per block of rows, double across blocks.
-template <typename T, typename G>
+// The same over rows [m0, m1): float per block of rows, double across blocks. Then
+// after_block(b0, b1) runs on the block's rows while they are still in cache.
+template <typename T, typename G, typename F>
 void channel_gradient_sums(const T* x, const G* gy, int64_t m0, int64_t m1, int64_t channels,
-                           const float* shift, double* sum_g, double* sum_gc) {
+                           const float* shift, double* sum_g, double* sum_gc,
+                           const F& after_block) {
   constexpr int64_t kBlock = 64;
   std::vector<float> bg(channels), bgc(channels);
   for (int64_t c = 0; c < channels; ++c) sum_g[c] = sum_gc[c] = 0.0;
   for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
-    gradient_column_sums(x, gy, b0, std::min(m1, b0 + kBlock), channels, shift, bg.data(),
-                         bgc.data());
+    const int64_t b1 = std::min(m1, b0 + kBlock);
+    gradient_column_sums(x, gy, b0, b1, channels, shift, bg.data(), bgc.data());
     for (int64_t c = 0; c < channels; ++c) {
       sum_g[c] += bg[c];
       sum_gc[c] += bgc[c];
     }
+    after_block(b0, b1);
   }
+}
+
+// gx[j] = a[j] gy[j] over one row of channels (frozen statistics).
+template <typename T, typename G>
+void scaled_gradient(const G* gy, T* gx, int64_t n, const float* a) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) vstore(gx + j, vload(a + j) * vload(gy + j));
+  for (; j < n; ++j) store(gx, j, a[j] * load(gy, j));
 }
 
 template <typename Pool, typename T, typename G>
@@ -813,7 +827,7 @@ void grouped_norm_backward(Pool& pool, const T* x, const G* gy, const float* sca
                            const float* mean, const float* var, const float* gmean,
                            const float* gvar, T* gx, float* gscale, float* gbias,
                            int64_t batch, int64_t m, int64_t channels, int64_t k, float eps,
-                           bool centered) {
+                           bool centered, bool frozen) {
   const int64_t groups = channels / k;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t row_bytes = channels * int64_t(sizeof(T) + sizeof(G));
@@ -834,7 +848,8 @@ void grouped_norm_backward(Pool& pool, const T* x, const G* gy, const float* sca
     int64_t b = item / chunks, chunk = item % chunks;
     int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
     channel_gradient_sums(x + b * m * channels, gy + b * m * channels, m0, m1, channels,
-                          &shift[b * channels], &sg[item * channels], &sgc[item * channels]);
+                          &shift[b * channels], &sg[item * channels], &sgc[item * channels],
+                          [](int64_t, int64_t) {});
   };
   auto coefficients = [&](int64_t b) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -869,7 +884,27 @@ void grouped_norm_backward(Pool& pool, const T* x, const G* gy, const float* sca
                     &d[off]);
     }
   };
-  if (chunks == 1) {
+  if (frozen) {
+    // Statistics given (running averages), not functions of x: gx = (r scale) gy, written
+    // block by block in the pass that sums gy and gy (x - mean) for gscale and gbias.
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t c = 0; c < channels; ++c)
+        a[b * channels + c] =
+            float(scale[c] / std::sqrt(double(float(var[b * groups + c / k]) + eps)));
+    parallel_for(pool, items, [&](int64_t item) {
+      int64_t b = item / chunks, chunk = item % chunks;
+      int64_t m0 = chunk * rows_per_chunk, m1 = std::min(m, m0 + rows_per_chunk);
+      const int64_t off = b * channels;
+      channel_gradient_sums(x + off * m, gy + off * m, m0, m1, channels, &shift[off],
+                            &sg[item * channels], &sgc[item * channels],
+                            [&](int64_t b0, int64_t b1) {
+                              for (int64_t i = b0; i < b1; ++i) {
+                                const int64_t at = (b * m + i) * channels;
+                                scaled_gradient(gy + at, gx + at, channels, &a[off]);
+                              }
+                            });
+    });
+  } else if (chunks == 1) {
     parallel_for(pool, batch, [&](int64_t b) {
       sums(b);
       coefficients(b);
@@ -1010,7 +1045,7 @@ ffi::Error GroupedNormBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                                    ffi::Result<ffi::AnyBuffer> gscale,
                                    ffi::Result<ffi::AnyBuffer> gbias, float epsilon,
                                    bool centered, int64_t group_size, int64_t batch,
-                                   int64_t channels) {
+                                   int64_t channels, bool frozen) {
   int64_t size = int64_t(x.element_count());
   if (batch < 1 || channels < 1 || size == 0 || size % (batch * channels) != 0 ||
       gy.element_count() != size_t(size) || group_size < 1 || channels % group_size != 0)
@@ -1024,7 +1059,7 @@ ffi::Error GroupedNormBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                           (const float*)var.untyped_data(), (const float*)gmean.untyped_data(),
                           (const float*)gvar.untyped_data(), op, f32(gscale), f32(gbias),
                           batch, size / (batch * channels), channels, group_size, epsilon,
-                          centered);
+                          centered, frozen);
     return ffi::Error::Success();
   });
 }
@@ -1073,4 +1108,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNormBackward, RowNormBackwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNormBackward, GroupedNormBackwardImpl,
                               NORMZOO_BIND_BACKWARD.Attr<int64_t>("group_size")
                                   .Attr<int64_t>("batch")
-                                  .Attr<int64_t>("channels"));
+                                  .Attr<int64_t>("channels")
+                                  .Attr<bool>("frozen"));
