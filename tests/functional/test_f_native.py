@@ -556,6 +556,80 @@ def test_generic_bfloat16_rounding_without_avx512_bf16(tmp_path):
     assert list(tmp_path.glob("normzoo_cpu-*.so"))
 
 
+_STREAM_SCRIPT = """
+import dataclasses, sys
+import jax, jax.numpy as jnp, numpy as np
+from normzoo.functional import native
+from normzoo.functional.native import linear
+assert native.available(), native.failure()
+rng = np.random.default_rng(0)
+out = {}
+for dt in (jnp.float32, jnp.bfloat16):
+    name = jnp.dtype(dt).name
+    # Rows of 64 features (row bytes a multiple of 64 in both dtypes), a fresh y.
+    x = jnp.asarray(rng.standard_normal((300, 64)) * 2 + 1, jnp.float32).astype(dt)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    y, m, v = jax.jit(lambda x: native.row_normalize(
+        x, scale, bias, epsilon=1e-6, centered=True, out_dtype=dt, in_place=False))(x)
+    out[f"row_{name}"] = np.asarray(y, np.float32)
+    view = linear.View("row", 64, centered=True, epsilon=1e-6, out_dtype=jnp.dtype(dt),
+                       stat_shape=(300,))
+    gy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32).astype(dt)
+    g = jax.jit(lambda *a: linear.cotangent_p.bind(*a, view=view))(
+        x, scale, m, v, gy, jnp.ones(300), jnp.ones(300))
+    out[f"row_bwd_{name}"] = np.asarray(g[0], np.float32)
+    # Channels of 32: per-sample (B = 2), whole (B = 1) and frozen statistics.
+    xg = jnp.asarray(rng.standard_normal((2, 150, 32)) * 2 + 1, jnp.float32).astype(dt)
+    gyg = jnp.asarray(rng.standard_normal(xg.shape), jnp.float32).astype(dt)
+    for batch, frozen in ((2, False), (1, False), (1, True)):
+        xb = xg.reshape(batch, -1, 32)
+        y, m, v = jax.jit(lambda x: native.grouped_normalize(
+            x, scale[:32], bias[:32], group_size=1, epsilon=1e-5, centered=True,
+            out_dtype=dt, in_place=False))(xb)
+        out[f"grouped{batch}_{name}"] = np.asarray(y, np.float32)
+        view = linear.View("grouped", 32, batch=batch, epsilon=1e-5, out_dtype=jnp.dtype(dt),
+                           stat_shape=(batch, 32), frozen=frozen)
+        g = jax.jit(lambda *a: linear.cotangent_p.bind(*a, view=view))(
+            xb, scale[:32], m, v, gyg.reshape(xb.shape), jnp.ones((batch, 32)),
+            jnp.ones((batch, 32)))
+        out[f"grouped{batch}_bwd_{'frozen' if frozen else 'batch'}_{name}"] = np.asarray(
+            g[0], np.float32)
+np.savez(sys.argv[1], **out)
+print("ok")
+"""
+
+
+def test_streamed_outputs_are_the_plain_stores_values(tmp_path):
+    # Outputs of at least NZ_STREAM_BYTES of traffic are written with non-temporal stores: a
+    # build with the threshold at 0 streams every aligned output (forward into a fresh y,
+    # every backward); its outputs must be bit for bit those of this process's build, which
+    # streams nothing this small.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / "cache"),
+               NORMZOO_NATIVE_CFLAGS="-DNZ_STREAM_BYTES=0")
+    streamed_file = tmp_path / "streamed.npz"
+    script = tmp_path / "stream.py"
+    script.write_text(_STREAM_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(streamed_file)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    plain_file = tmp_path / "plain.npz"
+    import runpy
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(plain_file)]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    streamed, plain = np.load(streamed_file), np.load(plain_file)
+    assert sorted(streamed.files) == sorted(plain.files) and len(plain.files) == 14
+    for key in plain.files:
+        np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda x: native.row_normalize(x, jnp.ones(7), jnp.zeros(7), epsilon=1e-6, centered=True,
                                     out_dtype=jnp.float32, features=7),
