@@ -65,9 +65,11 @@ on and off are cached apart) selects them from a minimum size of x on, and
 ``lax.platform_dependent`` keeps the XLA code for other backends.
 
 Given statistics. :func:`normalize_frozen` (BatchNorm at inference, with its running
-averages) keeps XLA's elementwise forward and takes its derivative from the same primitive
-in a ``frozen`` view: one native pass for ``dx`` and the params' sums, where autodiff leaves
-column sums to XLA:CPU's slow reductions over the leading axes.
+averages) runs on CPU the native ``channel_affine`` kernel (XLA:CPU's elementwise loop over
+bfloat16 is slow: a bfloat16 copy costs more than a float32 one of the same shape) and takes
+its derivative from the same primitive in a ``frozen`` view: one native pass for ``dx`` and
+the params' sums, where autodiff leaves column sums to XLA:CPU's slow reductions over the
+leading axes.
 
 Used for the common case (no mask, no ``axis_name``); the general path in
 :mod:`normzoo.functional.operations` covers the rest with plain autodiff.
@@ -307,9 +309,11 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
 #: ``native.MIN_SIZE["forward"]`` elements): every one beat this module's XLA forward
 #: pass, measured side by side (``python -m benchmarks --passes fwd``, 2-core
 #: CPU, time of the XLA path / time of the kernel, float32 / bfloat16): row LN 2.04 / 1.98,
-#: RMS 5.80 / 1.27; grouped BN 1.54 / 3.14, GN 2.17 / 6.02, IN 1.68 / 3.17.
+#: RMS 5.80 / 1.27; grouped BN 1.54 / 3.14, GN 2.17 / 6.02, IN 1.68 / 3.17; ``frozen``
+#: (:func:`normalize_frozen`, the ``channel_affine`` kernel) 1.05 / 1.67.
 NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
-               ("grouped", "float32"), ("grouped", "bfloat16")}
+               ("grouped", "float32"), ("grouped", "bfloat16"),
+               ("frozen", "float32"), ("frozen", "bfloat16")}
 
 
 #: Where the linearization (training steps) uses the native kernels too: the forward pass
@@ -649,7 +653,43 @@ def normalize_frozen(
       native_policy: as :func:`normalize_affine`'s (``native_policy[1]``: the smallest x
         whose derivative uses the kernel).
     """
-    return frozen_forward(x, mean_b, var_b, scale_b, bias_b, centered, epsilon, out_dtype)
+    found = (native_policy is not None and x.size >= native_policy[0]
+             and ("frozen", x.dtype.name) in NATIVE_PLAN
+             and _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype))
+    args = (x, mean_b, var_b, scale_b, bias_b)
+    with_xla = lambda *p: frozen_forward(*p, centered, epsilon, out_dtype)  # noqa: E731
+    if not found:
+        return with_xla(*args)
+    run = _frozen_run(*found, centered, epsilon, out_dtype, in_place=True)
+    return lax.platform_dependent(*args, cpu=run, default=with_xla)
+
+
+def _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype):
+    """The native grouped view of x with given statistics (``frozen``), with the params'
+    shape, or None where the statistics are not one per channel of a ``(1, M, C)`` view."""
+    layout = _Layout(x.shape, axes, None, None)
+    found = _native_view(x, scale_b, bias_b, layout, centered, epsilon, jnp.float32, out_dtype)
+    if not found:
+        return None
+    view, param_shape = found
+    stat_shape = (1,) * len(layout.sum_axes) + x.shape[len(layout.sum_axes):]
+    if view.kind != "grouped" or view.batch != 1 or param_shape != stat_shape:
+        return None
+    return dataclasses.replace(view, frozen=True), param_shape
+
+
+def _frozen_run(view, param_shape, centered, epsilon, out_dtype, in_place):
+    """:func:`frozen_forward` on the native ``channel_affine`` kernel (same rounding of the
+    per-channel multiplier ``rsqrt(var + eps) * scale``)."""
+
+    def run(x, mean_b, var_b, scale_b, bias_b):
+        vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
+        mul = lax.rsqrt(vector(var_b, 0.0) + epsilon) * vector(scale_b, 1.0)
+        return native.channel_affine(x, vector(mean_b if centered else None, 0.0), mul,
+                                     vector(bias_b, 0.0), out_dtype=out_dtype,
+                                     channels=view.features, in_place=in_place)
+
+    return run
 
 
 @normalize_frozen.defjvp
@@ -660,24 +700,20 @@ def _normalize_frozen_jvp(axes, centered, epsilon, out_dtype, native_policy, pri
         forward = lambda *p: frozen_forward(*p, centered, epsilon, out_dtype)  # noqa: E731
         return jax.jvp(forward, primals, tangents)
 
-    layout = _Layout(x.shape, axes, None, None)
-    f32 = jnp.dtype(jnp.float32)
-    found = (native_policy is not None and x.size >= native_policy[1] and _native_view(
-        x, scale_b, bias_b, layout, centered, epsilon, f32, out_dtype))
-    if found:
-        view, param_shape = found
-        view = dataclasses.replace(view, frozen=True)
-        stat_shape = (1,) * len(layout.sum_axes) + x.shape[len(layout.sum_axes):]
-        if view.kind != "grouped" or view.batch != 1 or param_shape != stat_shape:
-            found = None  # the statistics are not one per channel of the view
-    if not found or not _native_backward_planned(view, x.dtype):
+    found = (native_policy is not None and x.size >= native_policy[1]
+             and _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype))
+    if not found or not _native_backward_planned(found[0], x.dtype):
         return with_xla(primals, tangents)
+    view, param_shape = found
 
     def on_cpu(primals, tangents):
         x, mean_b, var_b, scale_b, bias_b = primals
         dx, dmean, dvar, dscale, dbias = tangents
         vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
-        y = frozen_forward(*primals, centered, epsilon, out_dtype)
+        if ("frozen", x.dtype.name) in NATIVE_PLAN:  # x is kept for the backward
+            y = _frozen_run(view, param_shape, centered, epsilon, out_dtype, False)(*primals)
+        else:
+            y = frozen_forward(*primals, centered, epsilon, out_dtype)
         var_v = vector(var_b, 0.0)
         r = lax.rsqrt(var_v + epsilon)
         scale_v = vector(scale_b, 1.0)

@@ -174,6 +174,32 @@ def test_bfloat16_in_and_out(kind, out):
                                atol=ulp * np.abs(rounded).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,channels", [(7, 5), (3000, 40), (90, 300)])
+def test_channel_affine_matches_float64(m, channels, dtype):
+    # Given statistics (BatchNorm at inference): y = (x - shift) * mul + bias per channel;
+    # 3000 rows are several items of the thread pool, 300 channels two register tiles and a
+    # remainder, 5 channels no full vector.
+    rng = np.random.default_rng(m + channels)
+    x = jnp.asarray(3.0 + rng.standard_normal((m, channels)), jnp.float32).astype(dtype)
+    shift, mul, bias = (jnp.asarray(rng.standard_normal(channels), jnp.float32) for _ in range(3))
+    y = jax.jit(lambda x: native.channel_affine(x, shift, mul, bias, out_dtype=dtype))(x)
+    expected = ((np.asarray(x, np.float64) - np.asarray(shift, np.float64))
+                * np.asarray(mul, np.float64) + np.asarray(bias, np.float64))
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=tol,
+                               atol=tol * np.abs(expected).max())
+
+
+def test_channel_affine_bad_vectors_raise():
+    x = jnp.ones((4, 6))
+    with pytest.raises(ValueError, match=r"channels=5 must divide x's size 24"):
+        native.channel_affine(x, jnp.ones(5), jnp.ones(5), jnp.ones(5), out_dtype=jnp.float32,
+                              channels=5)
+    with pytest.raises(ValueError, match=r"mul has shape \(5,\); expected \(6,\)"):
+        native.channel_affine(x, jnp.ones(6), jnp.ones(5), jnp.ones(6), out_dtype=jnp.float32)
+
+
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("loc", [0.3, 300.0])
 @pytest.mark.parametrize("features", [24, 1000, 3000])
@@ -283,10 +309,9 @@ def test_layers_native_and_xla_agree(name, dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
                                    rtol=tol, atol=tol)
     kind = "grouped" if name.startswith(("BatchNorm", "GroupNorm", "InstanceNorm")) else "row"
+    kind = "frozen" if name == "BatchNorm_eval" else kind  # the channel_affine kernel
     from normzoo.functional.fused import NATIVE_PLAN
-    # At inference BatchNorm's forward is XLA's elementwise loop (its derivative is native).
-    planned = name != "BatchNorm_eval" and (kind, jnp.dtype(dtype).name) in NATIVE_PLAN
-    assert ("normzoo_" in lowered) == planned
+    assert ("normzoo_" in lowered) == ((kind, jnp.dtype(dtype).name) in NATIVE_PLAN)
 
 
 def test_layer_under_vmap_grad_and_forward_mode():
@@ -595,6 +620,8 @@ for dt in (jnp.float32, jnp.bfloat16):
             jnp.ones((batch, 32)))
         out[f"grouped{batch}_bwd_{'frozen' if frozen else 'batch'}_{name}"] = np.asarray(
             g[0], np.float32)
+    out[f"affine_{name}"] = np.asarray(jax.jit(lambda x: native.channel_affine(
+        x, bias[:32], scale[:32], bias[32:], out_dtype=dt, in_place=False))(xg), np.float32)
 np.savez(sys.argv[1], **out)
 print("ok")
 """
@@ -625,7 +652,7 @@ def test_streamed_outputs_are_the_plain_stores_values(tmp_path):
     finally:
         sys.argv = argv
     streamed, plain = np.load(streamed_file), np.load(plain_file)
-    assert sorted(streamed.files) == sorted(plain.files) and len(plain.files) == 14
+    assert sorted(streamed.files) == sorted(plain.files) and len(plain.files) == 16
     for key in plain.files:
         np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
 

@@ -5,7 +5,8 @@ XLA:CPU emits a reduction along the contiguous axis of an array as a slow serial
 machines), so LayerNorm's and RMSNorm's forward pass cost 4-6 copies in flax and in the
 pure-XLA path, and the channel reductions of BatchNorm, InstanceNorm and GroupNorm are
 slow too. ``normzoo_cpu.cc`` holds two kernels that reduce with vector instructions on
-XLA's own intra-op thread pool and write the output in the same call:
+XLA's own intra-op thread pool and write the output in the same call (and a third,
+:func:`channel_affine`, for statistics given: BatchNorm at inference):
 
 * :func:`row_normalize`: ``x (R, F)``, statistics of each row over its ``F`` features
   (LayerNorm, RMSNorm);
@@ -57,6 +58,7 @@ _SOURCE = Path(__file__).with_name("normzoo_cpu.cc")
 _TARGETS = {
     "normzoo_row_norm": "NormzooRowNorm",
     "normzoo_grouped_norm": "NormzooGroupedNorm",
+    "normzoo_channel_affine": "NormzooChannelAffine",
     "normzoo_row_norm_backward": "NormzooRowNormBackward",
     "normzoo_grouped_norm_backward": "NormzooGroupedNormBackward",
 }
@@ -257,6 +259,28 @@ def _call(target: str, x: Array, scale: Array, bias: Array, stat_shape: tuple[in
     call = jax.ffi.ffi_call(target, results, vmap_method="sequential",
                             input_output_aliases=aliases)
     return call(x, scale.astype(jnp.float32), bias.astype(jnp.float32), **attributes)
+
+
+def channel_affine(x: Array, shift: Array, mul: Array, bias: Array, *, out_dtype,
+                   channels: int | None = None, in_place: bool = True) -> Array:
+    """``y = (x - shift) * mul + bias`` with ``shift, mul, bias (C,)`` per channel over ``x``
+    read as ``(M, C)`` rows (``C = channels``, default x's last axis); ``y`` x's shape in
+    ``out_dtype``. Normalization by given statistics (BatchNorm at inference: ``shift`` the
+    running mean, ``mul = rsqrt(var + eps) * scale``). ``in_place`` as :func:`row_normalize`.
+    """
+    if not _load():
+        raise RuntimeError(f"normzoo native CPU kernels unavailable: {_failure}")
+    channels = x.shape[-1] if channels is None else int(channels)
+    if channels < 1 or x.size % channels:
+        raise ValueError(f"channels={channels} must divide x's size {x.size} (shape {x.shape})")
+    for name, v in (("shift", shift), ("mul", mul), ("bias", bias)):
+        if v.shape != (channels,):
+            raise ValueError(f"{name} has shape {v.shape}; expected ({channels},)")
+    aliases = {0: 0} if in_place and jnp.dtype(out_dtype) == x.dtype else None
+    call = jax.ffi.ffi_call("normzoo_channel_affine", _result_like(x, x.shape, out_dtype),
+                            vmap_method="sequential", input_output_aliases=aliases)
+    vectors = (v.astype(jnp.float32) for v in (shift, mul, bias))
+    return call(x, *vectors, channels=np.int64(channels))
 
 
 def _check_view(x: Array, stat_shape, count: int, what: str) -> None:

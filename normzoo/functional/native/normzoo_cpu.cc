@@ -28,6 +28,9 @@
 // merge with Chan, Golub & LeVeque's parallel formula in double. x and y are float32 or
 // bfloat16; with AVX512-BF16, bfloat16 rows and blocks whose mean is within 1 (rows) or 2
 // (blocks) std of 0 are summed unshifted by dot-product instructions, without widening.
+// A third forward handler, normzoo_channel_affine (channels = C): x (M, C) -> y, the
+// output pass alone with given per-channel shift, mul and bias (BatchNorm at inference).
+//
 // Outputs not written over x, of kernels that move at least 32 MiB, go to memory with
 // non-temporal stores (write_output). The backward kernels (gx and the params' gradients;
 // `frozen` for given statistics) are described at "backward passes" below.
@@ -703,6 +706,23 @@ void grouped_norm(Pool& pool, const T* x, const float* scale, const float* bias,
   parallel_for(pool, items, normalize);
 }
 
+// y = (x - shift) * mul + bias per channel over the rows of an (M, C) matrix: normalization
+// by given statistics (BatchNorm at inference: shift the running mean, mul = r * scale).
+template <typename Pool, typename T, typename U>
+void channel_affine(Pool& pool, const T* x, const float* shift, const float* mul,
+                    const float* bias, U* y, int64_t m, int64_t channels) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t bytes = m * channels * int64_t(sizeof(T));
+  const int64_t items = std::max<int64_t>(1, std::min<int64_t>({m, 8 * threads, bytes >> 16}));
+  const int64_t rows_per_item = (m + items - 1) / items;
+  const bool stream = write_output(y, x, channels, m * channels * int64_t(sizeof(T) + sizeof(U)));
+  parallel_for(pool, items, [&](int64_t item) {
+    const int64_t m0 = item * rows_per_item, m1 = std::min(m, m0 + rows_per_item);
+    if (m0 < m1) normalize_rows(x, y, m0, m1, channels, shift, mul, bias, stream);
+    if (stream) stream_fence();
+  });
+}
+
 // ---------------------------------------------------------------- backward passes
 //
 // The transpose of the normalization's linearization (the closed form of Ioffe & Szegedy
@@ -1061,6 +1081,22 @@ ffi::Error GroupedNormImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   });
 }
 
+ffi::Error ChannelAffineImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> shift,
+                             ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                             ffi::Result<ffi::AnyBuffer> y, int64_t channels) {
+  int64_t size = int64_t(x.element_count());
+  if (channels < 1 || size % channels != 0)
+    return ffi::Error::InvalidArgument("normzoo_channel_affine: channels must divide x's size");
+  for (auto* v : {&shift, &mul, &bias})
+    if (v->element_count() != size_t(channels))
+      return ffi::Error::InvalidArgument("normzoo_channel_affine: vectors need C entries");
+  return dispatch(x, y, [&](auto* xp, auto* yp) {
+    channel_affine(pool, xp, shift.typed_data(), mul.typed_data(), bias.typed_data(), yp,
+                   size / channels, channels);
+    return ffi::Error::Success();
+  });
+}
+
 // Calls f with x's, gy's and gx's element pointers typed (gx has x's type).
 template <typename F>
 ffi::Error dispatch_backward(ffi::AnyBuffer x, ffi::AnyBuffer gy,
@@ -1155,6 +1191,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooRowNorm, RowNormImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooGroupedNorm, GroupedNormImpl,
                               NORMZOO_BIND_NORM.Attr<int64_t>("group_size")
                                   .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("channels"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormzooChannelAffine, ChannelAffineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::AnyBuffer>()         // y
                                   .Attr<int64_t>("channels"));
 
 #define NORMZOO_BIND_BACKWARD              \
