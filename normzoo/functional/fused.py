@@ -650,8 +650,8 @@ def normalize_frozen(
       mean_b, var_b: the statistics (mean None when not ``centered``: then ``var_b`` is
         the mean square), scale_b, bias_b: optional params; all shaped to broadcast against
         x (rank of x).
-      native_policy: as :func:`normalize_affine`'s (``native_policy[1]``: the smallest x
-        whose derivative uses the kernel).
+      native_policy: as :func:`normalize_affine`'s (the smallest x whose forward pass /
+        derivative uses the kernels).
     """
     found = (native_policy is not None and x.size >= native_policy[0]
              and ("frozen", x.dtype.name) in NATIVE_PLAN

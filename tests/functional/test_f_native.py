@@ -535,6 +535,34 @@ def test_batchnorm_at_inference_gradients_match_flax(dtype):
                                rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("operation", ["standardize", "scale"])
+def test_given_statistics_gradients_native_and_xla_agree(operation):
+    # normalize(area="batch", train=False) with running statistics, with and without a mean
+    # (scale: the mean square): gradients of x, params and statistics, kernels on and off.
+    from normzoo import functional as F
+
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(1.0 + rng.standard_normal((3, 7, 48)), jnp.float32)
+    stats = {k: jnp.asarray(rng.uniform(0.5, 2.0, 48), jnp.float32)
+             for k in F.init_batch_stats((48,), operation)}
+    scale, bias = (jnp.asarray(rng.standard_normal(48), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(x, stats, scale, bias):
+        y, _ = F.normalize(x, stats, scale, bias, area="batch", operation=operation,
+                           train=False)
+        return jnp.sum(y * w)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    assert "normzoo_grouped_norm_backward" in grad.lower(x, stats, scale, bias).as_text()
+    got = grad(x, stats, scale, bias)
+    with native.disabled():
+        expected = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3)))(
+            x, stats, scale, bias)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+
+
 def test_native_backward_under_vmap_and_second_order():
     # vmap of grad uses the primitives' batching rules; hessian differentiates the tangent
     # primitive (and the native forward) through their jax.numpy references.
