@@ -655,31 +655,39 @@ print("ok")
 """
 
 
-def test_streamed_outputs_are_the_plain_stores_values(tmp_path):
+@pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])
+def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
     # Outputs of at least NZ_STREAM_BYTES of traffic are written with non-temporal stores: a
     # build with the threshold at 0 streams every aligned output (forward into a fresh y,
-    # every backward); its outputs must be bit for bit those of this process's build, which
-    # streams nothing this small.
+    # every backward); its outputs must be bit for bit those of a build with the same flags
+    # that streams nothing this small (this process's own build for the default flags). Also
+    # without AVX512-BF16 (bfloat16 rounded by generic code).
+    import runpy
     import subprocess
     import sys
 
-    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / "cache"),
-               NORMZOO_NATIVE_CFLAGS="-DNZ_STREAM_BYTES=0")
-    streamed_file = tmp_path / "streamed.npz"
     script = tmp_path / "stream.py"
     script.write_text(_STREAM_SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(streamed_file)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-    plain_file = tmp_path / "plain.npz"
-    import runpy
-    argv = sys.argv
-    try:
-        sys.argv = [str(script), str(plain_file)]
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    streamed, plain = np.load(streamed_file), np.load(plain_file)
+
+    def run_built_with(cflags, name):
+        env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / f"cache_{name}"),
+                   NORMZOO_NATIVE_CFLAGS=cflags)
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+        return np.load(tmp_path / f"{name}.npz")
+
+    streamed = run_built_with(f"-DNZ_STREAM_BYTES=0 {flags}".strip(), "streamed")
+    if flags:
+        plain = run_built_with(flags, "plain")
+    else:
+        argv = sys.argv
+        try:
+            sys.argv = [str(script), str(tmp_path / "plain.npz")]
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+        plain = np.load(tmp_path / "plain.npz")
     assert sorted(streamed.files) == sorted(plain.files) and len(plain.files) == 16
     for key in plain.files:
         np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
