@@ -321,7 +321,8 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
 #: backward kernel. Keys: (kernel, x dtype, variant), variant ``centered`` (LN) or
 #: ``uncentered`` (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes
 #: reduced too) for groups, ``frozen`` for given statistics (:func:`normalize_frozen`:
-#: BatchNorm at inference, 1.3 / 1.9 against the XLA autodiff, float32 / bfloat16). Measured
+#: BatchNorm at inference, 1.3-1.6 / 1.9-3.7 against the XLA autodiff, float32 /
+#: bfloat16, over four benchmark runs of 2026-12-01). Measured
 #: in training-step loops (``python -m benchmarks
 #: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.13-1.28, RMS
 #: 0.97-1.15 (a tie or better since the row backward takes rows in groups of 4; 0.83

@@ -157,24 +157,23 @@ def apply_statistics(
     out_dtype = output_dtype(x, scale, bias, dtype)
     group_axis_c = None if num_groups is None else group_axis % x.ndim
     axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
-    policy = native.policy()
-    if (policy is not None and group_axis_c is None and operation != "center"
-            and not jnp.iscomplexobj(x)):
-        # The same formula, with a derivative on the native kernels (fused.normalize_frozen).
+    if group_axis_c is None and operation != "center" and not jnp.iscomplexobj(x):
+        # fused.normalize_frozen: the formula, on CPU on the native kernels (native.policy).
         shape = broadcast_shape(x.shape, feature_axes)
         params = [None if p is None else jnp.reshape(p, shape) for p in (scale, bias)]
         centered = operation == "standardize"
         second = stats["var"] if centered else stats["mean_square"]
         mean_b = jnp.expand_dims(stats["mean"], axes) if centered else None
         return normalize_frozen(x, mean_b, jnp.expand_dims(second, axes), *params,
-                                tuple(reduction_axes), centered, epsilon, out_dtype, policy)
+                                tuple(reduction_axes), centered, epsilon, out_dtype,
+                                native.policy())
     y = x if group_axis_c is None else split_groups(x, num_groups, group_axis_c)
     if "mean" in stats:
         y = y - jnp.expand_dims(stats["mean"], axes)
     if operation != "center":
         second = stats["var"] if operation == "standardize" else stats["mean_square"]
         mul = lax.rsqrt(jnp.expand_dims(second, axes) + epsilon)
-        if group_axis_c is None and scale is not None:
+        if group_axis_c is None and scale is not None:  # complex x
             # Fold the scale into the per-statistic multiplier (one multiply per element).
             mul = mul * jnp.reshape(scale, broadcast_shape(x.shape, feature_axes))
             scale = None

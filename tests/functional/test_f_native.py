@@ -727,3 +727,11 @@ def test_calling_a_kernel_that_could_not_be_built_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="native CPU kernels unavailable: .*no C\\+\\+ compiler"):
         native.row_normalize(jnp.ones((2, 4)), jnp.ones(4), jnp.zeros(4), epsilon=1e-6,
                              centered=True, out_dtype=jnp.float32)
+    with pytest.raises(RuntimeError, match="native CPU kernels unavailable"):
+        native.channel_affine(jnp.ones((2, 4)), jnp.zeros(4), jnp.ones(4), jnp.zeros(4),
+                              out_dtype=jnp.float32)
+
+
+def test_frozen_statistics_need_the_grouped_view():
+    with pytest.raises(ValueError, match="frozen statistics need the grouped view, not 'row'"):
+        linear.View("row", 8, frozen=True)
