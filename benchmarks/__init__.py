@@ -38,7 +38,9 @@ Protocol (``../shared/DESIGN.md`` section 5, ``../shared/REFERENCES.md`` section
 Modules: :mod:`benchmarks.harness` (timing core), :mod:`benchmarks.layers` (the layer
 groups), :mod:`benchmarks.whitening` (whitening rows), :mod:`benchmarks.report`
 (markdown, JSON, RESULTS.md), :mod:`benchmarks.cli` (the command line),
-:mod:`benchmarks.prototypes` (candidate faster implementations, measured the same way).
+:mod:`benchmarks.prototypes` (candidate faster implementations, measured the same way),
+:mod:`benchmarks.bounds` and :mod:`benchmarks.floors` (how close this machine lets a forward
+pass come to a copy: XLA's output half alone, and C++ kernels that do less than a layer).
 """
 
 from benchmarks.harness import Group, GroupResult, ImplResult, time_group

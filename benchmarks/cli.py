@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from benchmarks import floors as cpu_floors
 from benchmarks import layers as layer_groups
 from benchmarks import report
 from benchmarks import whitening as whitening_groups
@@ -70,11 +71,25 @@ def parser() -> argparse.ArgumentParser:
                    "comparable; all cores with --quick)")
     p.add_argument("--prototypes", action="store_true",
                    help="also time the candidate implementations of benchmarks/prototypes.py")
+    p.add_argument("--no-floors", action="store_true",
+                   help="skip the C++ floors of the float32 forward pass (benchmarks/floors.py; "
+                   "run on CPU when LayerNorm, RMSNorm or BatchNorm forward rows in float32 "
+                   "are timed)")
     return p
 
 
-def run(args: argparse.Namespace, log=None) -> tuple[list[GroupResult], list[str], dict[str, Any]]:
-    """Builds and times every requested group; returns (results, notes, settings)."""
+def wants_floors(args: argparse.Namespace, dtypes: Sequence[str]) -> bool:
+    """The floors explain the float32 forward rows' copy fractions on a CPU backend."""
+    import jax
+
+    return (not args.no_floors and jax.default_backend() == "cpu" and "float32" in dtypes
+            and "fwd" in args.passes and bool({"ln", "rms", "bn"} & set(args.layers)))
+
+
+def run(args: argparse.Namespace, log=None
+        ) -> tuple[list[GroupResult], list[str], dict[str, Any], cpu_floors.Floors | None]:
+    """Builds and times every requested group, then the C++ floors where they apply;
+    returns (results, notes, settings, floors or None)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     repeats = args.repeats or (3 if args.quick else 15)
     target_s = (args.target_ms or (1.0 if args.quick else 50.0)) / 1e3
@@ -109,7 +124,16 @@ def run(args: argparse.Namespace, log=None) -> tuple[list[GroupResult], list[str
                             memory=not args.no_memory, workers=workers)
         results.append(result)
         log(f"[{index}/{len(groups)}] {_describe(result)} ({time.perf_counter() - start:.1f} s)")
-    return results, notes, settings
+    floors = None
+    if wants_floors(args, dtypes):
+        start = time.perf_counter()
+        try:
+            floors = cpu_floors.measure(quick=args.quick)
+            log(f"C++ floors ({time.perf_counter() - start:.1f} s)")
+        except RuntimeError as error:  # no compiler: the tables stand alone
+            notes.append(f"C++ floors not measured: {error}")
+    settings["floors"] = floors is not None
+    return results, notes, settings, floors
 
 
 def _describe(result: GroupResult) -> str:
@@ -129,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = report.machine_info()
     meta["command"] = report.command_line(argv)
     started = time.perf_counter()
-    results, notes, settings = run(args)
+    results, notes, settings, floors = run(args)
     meta["load_average_end"] = report.machine_info()["load_average"]
     meta["total_s"] = round(time.perf_counter() - started, 1)
     load = meta["load_average"]
@@ -138,11 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(f"the machine was busy (load average {load} at start, "
                      f"{meta['load_average_end']} at end, {meta['cpu_count']} cores): "
                      "timings are noisy; rerun on a quiet machine before quoting them")
-    print(report.markdown(results, notes))
+    print(report.markdown(results, notes, floors))
     print(f"total {meta['total_s']} s", file=sys.stderr)
     if args.json:
-        report.write_json(args.json, report.to_json(results, {**meta, "settings": settings}, notes))
+        report.write_json(args.json, report.to_json(results, {**meta, "settings": settings}, notes,
+                                                    floors))
     if args.write_results:
         with open(args.write_results, "w") as f:
-            f.write(report.results_markdown(results, meta, notes, settings))
+            f.write(report.results_markdown(results, meta, notes, settings, floors))
     return 0

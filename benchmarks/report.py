@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
+import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -271,7 +271,26 @@ def targets_table(checks: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- output
 
 
-def markdown(results: Sequence[GroupResult], notes: Sequence[str] = ()) -> str:
+def floors_section(floors: Any) -> list[str]:
+    """The C++ floors (:class:`benchmarks.floors.Floors`) as markdown lines."""
+    from benchmarks import floors as cpu_floors
+
+    return [
+        "### Float32 forward floors on this CPU (C++, `benchmarks/floors.py`)", "",
+        f"Kernels that do less than a layer, in place on {floors.threads} threads, each timed "
+        "beside a copy of the same array, back to back as the loops above (median of "
+        f"{floors.repeats} repeat{'s' if floors.repeats != 1 else ''}; `of copy` = time(copy) / "
+        "time(kernel), as the layer table's \"normzoo of copy\"). A layer that does all of a "
+        "kernel's work and more should not beat that kernel's fraction on this machine: "
+        "LayerNorm and RMSNorm do more than `row_two_pass` or "
+        "`row_interleaved` (each output waits for its row's statistic), BatchNorm in training "
+        "more than `batch_two_pass` (each output waits for every row's). The LayerNorm "
+        f"replica's largest error against float64: {floors.layernorm_max_error:.1e}.", "",
+        cpu_floors.table(floors), ""]
+
+
+def markdown(results: Sequence[GroupResult], notes: Sequence[str] = (), floors: Any = None
+             ) -> str:
     parts = []
     table = layer_table(results)
     if table:
@@ -302,6 +321,8 @@ def markdown(results: Sequence[GroupResult], notes: Sequence[str] = ()) -> str:
                       f"{100 * gaps[-1]:.0f}%); a ratio within the median gap of 1 is "
                       "reported as a tie.", ""]
         parts += [table, ""]
+    if floors is not None:
+        parts += floors_section(floors)
     all_notes = list(notes) + [f"{_row(r)}: {n}" for r in results for n in r.notes]
     if all_notes:
         parts += ["### Notes", ""] + [f"- {n}" for n in all_notes] + [""]
@@ -316,12 +337,14 @@ def _row(r: GroupResult) -> str:
 
 
 def to_json(
-    results: Sequence[GroupResult], meta: dict[str, Any], notes: Sequence[str] = ()
+    results: Sequence[GroupResult], meta: dict[str, Any], notes: Sequence[str] = (),
+    floors: Any = None,
 ) -> dict:
     return {
         "meta": meta,
         "groups": [r.to_dict() for r in results],
         "targets": targets(results),
+        "floors": dataclasses.asdict(floors) if floors is not None else None,
         "notes": list(notes),
     }
 
@@ -333,7 +356,7 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes: Sequence[str],
-                     settings: dict[str, Any]) -> str:
+                     settings: dict[str, Any], floors: Any = None) -> str:
     """The whole RESULTS.md: command, machine, settings, tables."""
     load = meta.get("load_average")
     load_end = meta.get("load_average_end")
@@ -364,6 +387,6 @@ def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes
         "Step temp memory is XLA's count of its own buffers: the native kernels' scratch "
         "(per-thread partial sums, at most a few hundred KiB here) is not in it.",
         "",
-        markdown(results, notes),
+        markdown(results, notes, floors),
     ]
     return "\n".join(lines)

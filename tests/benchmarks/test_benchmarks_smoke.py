@@ -208,9 +208,59 @@ def test_bounds_output_half_and_quick_run(capsys):
                 + np.asarray(params["bias"]))
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
     assert bounds.main(["--quick"]) == 0
-    rows = [ln for ln in capsys.readouterr().out.splitlines()
+    xla_part, _, floors_part = capsys.readouterr().out.partition("C++ floors")
+    rows = [ln for ln in xla_part.splitlines()
             if ln.startswith("| ") and not ln.startswith("| layer")]
     assert len(rows) == 6
+    assert floors_part.count("| row_") == 4 and "| batch_two_pass |" in floors_part
     for row in rows:
         times = [float(v) for v in row.strip("| ").split(" | ")[3:6]]
         assert all(t > 0 for t in times), row
+
+
+def test_floors_probe_times_every_kernel_and_does_layernorms_arithmetic():
+    # The C++ floors (benchmarks/floors.cc) on tiny shapes: every probe timed beside its
+    # copy, and the LayerNorm replica's output checked against float64 inside the probe.
+    from benchmarks import floors
+
+    found = floors.measure(quick=True, workers=2)
+    assert found.threads == 2 and found.repeats == 1
+    assert set(found.probes) == set(floors.PROBES)
+    (rows, cols), (batch_rows, channels) = floors.QUICK["row"], floors.QUICK["batch"]
+    for name, probe in found.probes.items():
+        assert probe["us"] > 0, name
+        want = (batch_rows, channels) if name.startswith("batch") else (rows, cols)
+        assert (probe["rows"], probe["cols"]) == want, name
+    assert 0 < found.layernorm_max_error < 1e-5
+    assert found.fraction("row_layernorm") == pytest.approx(
+        found.probes["copy"]["us"] / found.probes["row_layernorm"]["us"])
+    assert found.fraction("batch_two_pass") == pytest.approx(
+        found.probes["batch_copy"]["us"] / found.probes["batch_two_pass"]["us"])
+    text = "\n".join(report.floors_section(found))
+    assert text.count("\n| ") == 1 + 6  # the header and a row per probe but the copies
+    meta = {**report.machine_info(), "command": "x", "load_average_end": None}
+    payload = json.loads(json.dumps(report.to_json([], meta, [], found)))
+    assert payload["floors"]["probes"]["row_two_pass"]["us"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["64", "100", "512", "128", "2", "1"], "multiples of 64"),
+    (["3", "256", "512", "128", "2", "1"], "ROWS >= 2 THREADS"),
+    (["64", "256"], "usage"),
+])
+def test_floors_probe_rejects_bad_arguments(argv, message):
+    import subprocess
+
+    from benchmarks import floors
+
+    done = subprocess.run([str(floors.build()), *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and not done.stdout
+
+
+def test_floors_run_only_where_they_explain_a_row():
+    args = cli.parser().parse_args([])
+    assert cli.wants_floors(args, ["float32"])
+    assert not cli.wants_floors(args, ["bfloat16"])
+    assert not cli.wants_floors(cli.parser().parse_args(["--no-floors"]), ["float32"])
+    assert not cli.wants_floors(cli.parser().parse_args(["--layers", "gn,in"]), ["float32"])
+    assert not cli.wants_floors(cli.parser().parse_args(["--passes", "fwd+bwd"]), ["float32"])

@@ -45,7 +45,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +113,9 @@ def _cache_dir() -> Path:
     return Path(base) / "normzoo"
 
 
-def library_path() -> Path:
-    """Where the compiled kernels for this source, compiler, jaxlib and CPU live."""
+def cached_path(source: Path, flags: Sequence[str], stem: str, suffix: str) -> Path:
+    """Where :func:`cached_build` puts ``source`` compiled with ``flags``: a name keyed by
+    the source, the flags, the compiler's version, jaxlib's version and the CPU."""
     import jaxlib
 
     compiler = _compiler() or "none"
@@ -124,33 +125,45 @@ def library_path() -> Path:
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_flags()).encode(), version.encode(),
+    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode(),
                  jaxlib.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
-    return _cache_dir() / f"normzoo_cpu-{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"{stem}-{key.hexdigest()[:16]}{suffix}"
 
 
-def build() -> Path:
-    """Compiles the kernels (if not cached yet) and returns the shared library's path."""
-    target = library_path()
+def cached_build(source: Path, flags: Sequence[str], stem: str, suffix: str) -> Path:
+    """Compiles ``source`` with this machine's C++ compiler and ``flags`` into normzoo's
+    cache (once: a cached output is reused) and returns the output's path."""
+    target = cached_path(source, flags, stem, suffix)
     if target.exists():
         return target
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_flags(), str(_SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, str(source), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: concurrent builders end with one whole file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def library_path() -> Path:
+    """Where the compiled kernels for this source, compiler, jaxlib and CPU live."""
+    return cached_path(_SOURCE, _flags(), "normzoo_cpu", ".so")
+
+
+def build() -> Path:
+    """Compiles the kernels (if not cached yet) and returns the shared library's path."""
+    return cached_build(_SOURCE, _flags(), "normzoo_cpu", ".so")
 
 
 def _load() -> bool:
