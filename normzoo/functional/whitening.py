@@ -41,7 +41,9 @@ and exact for repeated eigenvalues too (``K_ii = f'(l_i)``), with no cancellatio
 function of ``Sigma`` on a repeated eigenspace (any rotation of it is a valid ``D``); its VJP
 zeroes the ``1 / (l_i - l_j)`` terms of (numerically) equal eigenvalues, which is exact when the
 loss does not depend on the basis within the eigenspace, as for the null space of a small batch
-(its outputs are zero). Cholesky and Newton use JAX's autodiff (finite for ``eps > 0``).
+(its outputs are zero). Cholesky's JVP is the closed form ``dPhi = -low(Phi dSigma Phi^T) Phi``
+(``low``: the strict lower triangle plus half the diagonal), from one factorization; Newton
+uses JAX's autodiff (finite for ``eps > 0``).
 
 Rounding. A singular ``Sigma`` computed in float32 has null eigenvalues of about
 ``ulp(||Sigma||)``, possibly negative and larger than ``eps``. ZCA and PCA clamp them at 0
@@ -208,21 +210,45 @@ _pca.defvjp(_pca_fwd, _pca_bwd)
 
 
 # ---------------------------------------------------------------- Cholesky, Newton
-def _cholesky(sigma: Array, epsilon: float) -> Array:
-    eye = _eye_like(sigma)
-    sigma = _symmetrize(sigma) + epsilon * eye
-    # When eps is below the float resolution of a singular Sigma (e.g. float32, variances ~1e4,
-    # batch < group), rounding leaves Sigma + eps I numerically indefinite and the
-    # factorization fails (NaN). Those matrices alone get a jitter of g * ulp(max diag): a
-    # probe factorization without gradient finds them, so well-posed inputs are unchanged
-    # and no NaN reaches the backward pass.
-    probe = jnp.linalg.cholesky(lax.stop_gradient(sigma), symmetrize_input=False)
-    failed = jnp.any(jnp.isnan(probe), axis=(-2, -1))
-    diag_max = jnp.max(jnp.diagonal(sigma, axis1=-2, axis2=-1), axis=-1)
-    jitter = sigma.shape[-1] * jnp.finfo(sigma.dtype).eps * lax.stop_gradient(diag_max)
-    sigma = sigma + jnp.where(failed, jitter, 0.0)[..., None, None] * eye
-    chol = jnp.linalg.cholesky(sigma, symmetrize_input=False)
+def _cholesky_inverse(sigma_eps: Array) -> Array:
+    """``L^-1`` with ``L L^T = sigma_eps`` (symmetric), one factorization per matrix.
+
+    When eps is below the float resolution of a singular Sigma (e.g. float32, variances ~1e4,
+    batch < group), rounding leaves Sigma + eps I numerically indefinite and the
+    factorization fails (NaN). Those matrices alone are factorized again with a jitter of
+    ``g ulp(max diag)``, in a branch that runs only when a factorization failed (under
+    ``vmap`` both run), so well-posed inputs cost one factorization and are unchanged.
+    """
+    eye = _eye_like(sigma_eps)
+    chol = jnp.linalg.cholesky(sigma_eps, symmetrize_input=False)
+    failed = jnp.any(jnp.isnan(chol), axis=(-2, -1))
+
+    def retry(chol):
+        diag_max = jnp.max(jnp.diagonal(sigma_eps, axis1=-2, axis2=-1), axis=-1)
+        jitter = sigma_eps.shape[-1] * jnp.finfo(sigma_eps.dtype).eps * diag_max
+        shifted = sigma_eps + jnp.where(failed, jitter, 0.0)[..., None, None] * eye
+        return jnp.linalg.cholesky(shifted, symmetrize_input=False)
+
+    chol = lax.cond(jnp.any(failed), retry, lambda chol: chol, chol)
     return lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _cholesky(sigma: Array, epsilon: float) -> Array:
+    return _cholesky_inverse(_symmetrize(sigma) + epsilon * _eye_like(sigma))
+
+
+@_cholesky.defjvp
+def _cholesky_jvp(epsilon, primals, tangents):
+    # Phi = L^-1, L L^T = S:  Phi dS Phi^T = X + X^T with X = Phi dL lower triangular, so
+    # X = low(Phi dS Phi^T) (strict lower part plus half the diagonal) and
+    # dPhi = -Phi dL Phi = -X Phi. The jitter of a failed factorization is a constant.
+    (sigma,), (dsigma,) = primals, tangents
+    phi = _cholesky(sigma, epsilon)
+    mm = functools.partial(jnp.matmul, precision=HIGHEST)
+    a = mm(mm(phi, _symmetrize(dsigma)), jnp.swapaxes(phi, -1, -2))
+    low = jnp.tril(a, -1) + 0.5 * a * _eye_like(a)
+    return phi, -mm(low, phi)
 
 
 def _newton(sigma: Array, epsilon: float, iterations: int) -> Array:

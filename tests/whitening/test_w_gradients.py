@@ -125,3 +125,61 @@ def test_plain_eigh_gradient_is_nan_on_equal_eigenvalues(rng):
 
     # (normzoo's finite gradient on this case: test_finite_gradients_on_singular_covariance_float32)
     assert not np.all(np.isfinite(np.asarray(jax.jit(jax.grad(plain))(x))))
+
+
+def test_cholesky_jvp_equals_autodiff_through_the_factorization(rng):
+    # normzoo's closed-form JVP, dPhi = -low(Phi dS Phi^T) Phi, forward and reverse, against
+    # JAX's autodiff through cholesky + triangular_solve of sym(S) + eps I, batched and with
+    # a non-symmetric tangent (the symmetrization is part of the function).
+    with x64():
+        a = rng.standard_normal((3, 5, 5))
+        sigma = jnp.asarray(a @ np.swapaxes(a, -1, -2) / 5)
+        tangent = jnp.asarray(rng.standard_normal((3, 5, 5)))
+        eye = jnp.eye(5)
+
+        def plain(s):
+            chol = jnp.linalg.cholesky(0.5 * (s + jnp.swapaxes(s, -1, -2)) + 1e-2 * eye)
+            return jax.lax.linalg.triangular_solve(chol, jnp.broadcast_to(eye, s.shape),
+                                                   left_side=True, lower=True)
+
+        def ours(s):
+            return F.whitening_matrix(s, "cholesky", epsilon=1e-2)
+
+        got, got_dot = jax.jvp(ours, (sigma,), (tangent,))
+        want, want_dot = jax.jvp(plain, (sigma,), (tangent,))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got_dot, want_dot, rtol=1e-9, atol=1e-11)
+        c = jnp.asarray(rng.standard_normal((3, 5, 5)))
+        np.testing.assert_allclose(jax.grad(lambda s: jnp.sum(c * ours(s)))(sigma),
+                                   jax.grad(lambda s: jnp.sum(c * plain(s)))(sigma),
+                                   rtol=1e-9, atol=1e-11)
+        check_grads(ours, (sigma,), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-6,
+                    rtol=1e-6)
+
+
+def test_cholesky_retries_failed_factorizations_alone_outside_vmap(rng):
+    # float32, batch 3 < group 8, variances ~1e4: rounding leaves Sigma + 1e-5 I indefinite,
+    # its plain factorization is NaN; that matrix alone is refactorized with a jitter (the
+    # lax.cond branch, taken here without vmap), the well-posed one beside it is unchanged.
+    x = 100 * rng.standard_normal((3, 8)).astype(np.float32)
+    xc = x - x.mean(0)
+    singular = xc.T @ xc / 3
+    b = rng.standard_normal((32, 8)).astype(np.float32)
+    regular = np.cov(b, rowvar=False, bias=True).astype(np.float32)
+    sigma = jnp.asarray(np.stack([singular, regular]))
+    eye = np.eye(8, dtype=np.float32)
+    plain = jnp.linalg.cholesky(0.5 * (sigma + jnp.swapaxes(sigma, -1, -2)) + 1e-5 * eye)
+    assert np.isnan(np.asarray(plain[0])).any() and not np.isnan(np.asarray(plain[1])).any()
+
+    phi = jax.jit(lambda s: F.whitening_matrix(s, "cholesky", epsilon=1e-5))(sigma)
+    assert np.all(np.isfinite(np.asarray(phi)))
+    np.testing.assert_allclose(phi[1], np.linalg.inv(np.asarray(plain[1])), rtol=1e-4, atol=1e-4)
+    # the retried one is the inverse Cholesky factor of Sigma + (eps + jitter) I: lower
+    # triangular, its first entry 1 / sqrt(Sigma_00 + eps + jitter)
+    jitter = 8 * np.finfo(np.float32).eps * np.max(np.diag(singular))
+    p0 = np.asarray(phi[0])
+    assert np.all(np.triu(p0, 1) == 0)
+    np.testing.assert_allclose(p0[0, 0], 1 / np.sqrt(singular[0, 0] + 1e-5 + jitter), rtol=1e-5)
+    grad = jax.jit(jax.grad(lambda s: jnp.sum(jnp.sin(F.whitening_matrix(s, "cholesky",
+                                                                        epsilon=1e-5)))))(sigma)
+    assert np.all(np.isfinite(np.asarray(grad)))
