@@ -693,6 +693,40 @@ def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
         np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
 
 
+def test_generic_vector_code_matches_the_avx512_build(tmp_path):
+    # Machines without AVX-512 (most of them) run the kernels' generic vector code: the
+    # bfloat16 widening and rounding, the float sums, no dot products, no streaming. A build
+    # with -mno-avx512f computes the same 16 outputs as this process's AVX-512 build, to
+    # float32 rounding (bfloat16 outputs to one bfloat16 rounding).
+    import runpy
+    import subprocess
+    import sys
+
+    script = tmp_path / "outputs.py"
+    script.write_text(_STREAM_SCRIPT)
+    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / "cache"),
+               NORMZOO_NATIVE_CFLAGS="-mno-avx512f")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "generic.npz")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    generic = np.load(tmp_path / "generic.npz")
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(tmp_path / "avx512.npz")]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    avx512 = np.load(tmp_path / "avx512.npz")
+    assert sorted(generic.files) == sorted(avx512.files) and len(avx512.files) == 16
+    for key in avx512.files:
+        if key.endswith("bfloat16"):
+            np.testing.assert_allclose(generic[key], avx512[key], rtol=2**-7, atol=1e-2,
+                                       err_msg=key)
+        else:
+            np.testing.assert_allclose(generic[key], avx512[key], rtol=2e-5, atol=2e-5,
+                                       err_msg=key)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda x: native.row_normalize(x, jnp.ones(7), jnp.zeros(7), epsilon=1e-6, centered=True,
                                     out_dtype=jnp.float32, features=7),

@@ -121,12 +121,20 @@ inline vfloat vload(const float* p) {
   return v;
 }
 inline vfloat vload(const bf16_bits* p) {
+#if defined(__AVX512F__) && NZ_LANES == 16
+  // One widening load (vpmovzxwd) and a shift: GCC's code for the conversion below, tuned
+  // for 256-bit vectors on AMD Zen 4, takes five instructions (two half widenings, an
+  // extract, an insert, the shift), and a bfloat16 output pass 1.6 ns per 16 elements.
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return vfloat(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+#else
   vhalf h;
   std::memcpy(&h, p, sizeof h);
   vword w = __builtin_convertvector(h, vword) << 16;
   vfloat v;
   std::memcpy(&v, &w, sizeof v);
   return v;
+#endif
 }
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stays NaN
