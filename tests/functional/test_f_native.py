@@ -655,6 +655,34 @@ print("ok")
 """
 
 
+def _outputs_built_with(tmp_path, cflags: str | None, name: str):
+    """_STREAM_SCRIPT's 16 outputs from kernels built with ``cflags`` (in a fresh process
+    and cache), or from this process's own build when ``cflags`` is None."""
+    import runpy
+    import subprocess
+    import sys
+
+    script = tmp_path / "outputs.py"
+    script.write_text(_STREAM_SCRIPT)
+    out = tmp_path / f"{name}.npz"
+    if cflags is None:
+        argv = sys.argv
+        try:
+            sys.argv = [str(script), str(out)]
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+    else:
+        env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / f"cache_{name}"),
+                   NORMZOO_NATIVE_CFLAGS=cflags)
+        done = subprocess.run([sys.executable, str(script), str(out)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    outputs = np.load(out)
+    assert len(outputs.files) == 16
+    return outputs
+
+
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])
 def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
     # Outputs of at least NZ_STREAM_BYTES of traffic are written with non-temporal stores: a
@@ -662,33 +690,9 @@ def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
     # every backward); its outputs must be bit for bit those of a build with the same flags
     # that streams nothing this small (this process's own build for the default flags). Also
     # without AVX512-BF16 (bfloat16 rounded by generic code).
-    import runpy
-    import subprocess
-    import sys
-
-    script = tmp_path / "stream.py"
-    script.write_text(_STREAM_SCRIPT)
-
-    def run_built_with(cflags, name):
-        env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / f"cache_{name}"),
-                   NORMZOO_NATIVE_CFLAGS=cflags)
-        done = subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.npz")],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-        return np.load(tmp_path / f"{name}.npz")
-
-    streamed = run_built_with(f"-DNZ_STREAM_BYTES=0 {flags}".strip(), "streamed")
-    if flags:
-        plain = run_built_with(flags, "plain")
-    else:
-        argv = sys.argv
-        try:
-            sys.argv = [str(script), str(tmp_path / "plain.npz")]
-            runpy.run_path(str(script), run_name="__main__")
-        finally:
-            sys.argv = argv
-        plain = np.load(tmp_path / "plain.npz")
-    assert sorted(streamed.files) == sorted(plain.files) and len(plain.files) == 16
+    streamed = _outputs_built_with(tmp_path, f"-DNZ_STREAM_BYTES=0 {flags}".strip(), "streamed")
+    plain = _outputs_built_with(tmp_path, flags or None, "plain")
+    assert sorted(streamed.files) == sorted(plain.files)
     for key in plain.files:
         np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
 
@@ -698,33 +702,13 @@ def test_generic_vector_code_matches_the_avx512_build(tmp_path):
     # bfloat16 widening and rounding, the float sums, no dot products, no streaming. A build
     # with -mno-avx512f computes the same 16 outputs as this process's AVX-512 build, to
     # float32 rounding (bfloat16 outputs to one bfloat16 rounding).
-    import runpy
-    import subprocess
-    import sys
-
-    script = tmp_path / "outputs.py"
-    script.write_text(_STREAM_SCRIPT)
-    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / "cache"),
-               NORMZOO_NATIVE_CFLAGS="-mno-avx512f")
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "generic.npz")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-    generic = np.load(tmp_path / "generic.npz")
-    argv = sys.argv
-    try:
-        sys.argv = [str(script), str(tmp_path / "avx512.npz")]
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    avx512 = np.load(tmp_path / "avx512.npz")
-    assert sorted(generic.files) == sorted(avx512.files) and len(avx512.files) == 16
+    generic = _outputs_built_with(tmp_path, "-mno-avx512f", "generic")
+    avx512 = _outputs_built_with(tmp_path, None, "avx512")
+    assert sorted(generic.files) == sorted(avx512.files)
     for key in avx512.files:
-        if key.endswith("bfloat16"):
-            np.testing.assert_allclose(generic[key], avx512[key], rtol=2**-7, atol=1e-2,
-                                       err_msg=key)
-        else:
-            np.testing.assert_allclose(generic[key], avx512[key], rtol=2e-5, atol=2e-5,
-                                       err_msg=key)
+        bf16 = key.endswith("bfloat16")
+        np.testing.assert_allclose(generic[key], avx512[key], rtol=2**-7 if bf16 else 2e-5,
+                                   atol=1e-2 if bf16 else 2e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("call,match", [
