@@ -215,9 +215,10 @@ def _cholesky_inverse(sigma_eps: Array) -> Array:
 
     When eps is below the float resolution of a singular Sigma (e.g. float32, variances ~1e4,
     batch < group), rounding leaves Sigma + eps I numerically indefinite and the
-    factorization fails (NaN). Those matrices alone are factorized again with a jitter of
-    ``g ulp(max diag)``, in a branch that runs only when a factorization failed (under
-    ``vmap`` both run), so well-posed inputs cost one factorization and are unchanged.
+    factorization fails (NaN). Those matrices alone get a jitter of ``g ulp(max diag)``
+    and the batch is factorized again, in a branch that runs only when a factorization
+    failed (under ``vmap`` both branches run), so well-posed inputs cost one factorization
+    and are unchanged.
     """
     eye = _eye_like(sigma_eps)
     chol = jnp.linalg.cholesky(sigma_eps, symmetrize_input=False)

@@ -542,7 +542,7 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, int64
   double n = 0.0;  // rows merged so far: the same count for every channel
   // The block's (nb, bmean, bm2) into the running moments. The weights nb / n_new and
   // n nb / n_new are the same for every channel: two divisions per block, not per channel
-  // (per-channel divisions were ~60% of a bfloat16 BatchNorm's moments pass).
+  // (bfloat16 moments pass, 1 thread, 32 channels: 300-380 -> 200-240 µs).
   auto merge = [&](double nb) {
     const double n_new = n + nb, w = nb / n_new, f = n * w;
     for (int64_t c = 0; c < channels; ++c) {
