@@ -579,9 +579,11 @@ def test_native_backward_under_vmap_and_second_order():
     np.testing.assert_allclose(jax.hessian(loss)(x[0]), hess_xla, rtol=1e-3, atol=1e-4)
 
 
-def test_generic_bfloat16_rounding_without_avx512_bf16(tmp_path):
-    # Machines without AVX512-BF16 round with the kernels' portable vector code: build that
-    # variant in a fresh process and cache and compare it with XLA's rounding.
+@pytest.mark.parametrize("flags", ["-mno-avx512bf16", "-mno-avx512f"])
+def test_bfloat16_rounding_without_avx512_bf16(tmp_path, flags):
+    # Machines without AVX512-BF16 round in the kernels' own code (AVX-512F intrinsics, or
+    # the portable vector code without AVX-512): build each variant in a fresh process and
+    # cache and compare its rounding with XLA's, bit for bit (a NaN included).
     import subprocess
     import sys
     import textwrap
@@ -599,10 +601,22 @@ def test_generic_bfloat16_rounding_without_avx512_bf16(tmp_path):
                                        centered=True, out_dtype=jnp.float32)
         np.testing.assert_array_equal(np.asarray(y, np.float32),
                                       np.asarray(f.astype(jnp.bfloat16), np.float32))
+        # Exact ties (to even), specials and overflow to inf, written by the output pass
+        # with shift 0, mul 1, bias 0 (so y = x), in vector lanes and a scalar tail. (Not
+        # denormals: XLA's threads flush them to zero in arithmetic, not only in rounding.)
+        u = 2.0 ** -8
+        special = [1 + u, 1 + 3 * u, -(1 + u), 2 + 2 * u, 3.4e38, -3.4e38, np.inf, -np.inf,
+                   np.nan, 1e-30, 7.0, 0.5 + u / 2, 1 + u / 2 + 2.0 ** -20]
+        x = np.resize(np.asarray(special, np.float32), (4, 19))
+        x[1] = -x[1]
+        y = native.channel_affine(jnp.asarray(x), jnp.zeros(19), jnp.ones(19), jnp.zeros(19),
+                                  out_dtype=jnp.bfloat16, in_place=False)
+        np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                      np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32))
         print("ok")
     """)
     env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path),
-               NORMZOO_NATIVE_CFLAGS="-mno-avx512bf16")
+               NORMZOO_NATIVE_CFLAGS=flags)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

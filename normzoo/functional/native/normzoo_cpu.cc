@@ -143,6 +143,18 @@ inline void vstore(bf16_bits* p, vfloat v) {  // round to nearest even; NaN stay
   // to zero, which a normalized output does not reach in practice.
   __m256bh packed = _mm512_cvtneps_pbh(__m512(v));
   std::memcpy(p, &packed, sizeof packed);
+#elif defined(__AVX512F__) && NZ_LANES == 16
+  // AVX-512 without BF16 (e.g. Intel Ice Lake): the rounding below in mask registers and
+  // one vpmovdw narrowing (GCC's code for the generic version permutes words and spills:
+  // 2.7 ns per 16 elements of a bfloat16 output pass on AMD Zen 4 built without BF16).
+  const __m512i w = _mm512_castps_si512(__m512(v));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(w, 16), _mm512_set1_epi32(1));
+  __m512i bits = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(w, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(w, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  bits = _mm512_mask_or_epi32(bits, nan, _mm512_srli_epi32(w, 16), _mm512_set1_epi32(0x40));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
 #else
   vword w;
   std::memcpy(&w, &v, sizeof w);
