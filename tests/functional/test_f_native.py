@@ -703,7 +703,7 @@ def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
     # build with the threshold at 0 streams every aligned output (forward into a fresh y,
     # every backward); its outputs must be bit for bit those of a build with the same flags
     # that streams nothing this small (this process's own build for the default flags). Also
-    # without AVX512-BF16 (bfloat16 rounded by generic code).
+    # without AVX512-BF16 (bfloat16 rounded by the kernels' AVX-512F code).
     streamed = _outputs_built_with(tmp_path, f"-DNZ_STREAM_BYTES=0 {flags}".strip(), "streamed")
     plain = _outputs_built_with(tmp_path, flags or None, "plain")
     assert sorted(streamed.files) == sorted(plain.files)

@@ -159,8 +159,9 @@ def test_cholesky_jvp_equals_autodiff_through_the_factorization(rng):
 
 def test_cholesky_retries_failed_factorizations_alone_outside_vmap(rng):
     # float32, batch 3 < group 8, variances ~1e4: rounding leaves Sigma + 1e-5 I indefinite,
-    # its plain factorization is NaN; that matrix alone is refactorized with a jitter (the
-    # lax.cond branch, taken here without vmap), the well-posed one beside it is unchanged.
+    # its plain factorization is NaN; that matrix alone gets a jitter and the batch is
+    # factorized again (the lax.cond branch, taken here without vmap), the well-posed
+    # matrix beside it unchanged.
     x = 100 * rng.standard_normal((3, 8)).astype(np.float32)
     xc = x - x.mean(0)
     singular = xc.T @ xc / 3
