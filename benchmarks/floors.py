@@ -83,7 +83,7 @@ def threads() -> int:
 
 def measure(quick: bool = False, repeats: int | None = None,
             workers: int | None = None) -> Floors:
-    """Builds and runs the probe: the full shapes (~10 s on 2 cores) or tiny ones."""
+    """Builds and runs the probe: the full shapes (~5 s on 2 cores, 21 repeats) or tiny ones."""
     shapes = QUICK if quick else FULL
     repeats = repeats or (1 if quick else 21)
     workers = workers or threads()
