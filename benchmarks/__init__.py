@@ -22,11 +22,11 @@ Protocol (``../shared/DESIGN.md`` section 5, ``../shared/REFERENCES.md`` section
 
 * the time per iteration is the slope between runs of ``n`` and ``2 n`` iterations, which
   removes what every call pays once (dispatch, loop-invariant work hoisted by XLA, first
-  touch of temporary buffers: ~17 ms per call on XLA:CPU for BatchNorm eval bfloat16
-  fwd+bwd, whose iterations take ~5 ms), see :func:`benchmarks.harness.per_iteration`;
+  touch of temporary buffers, which on XLA:CPU can exceed an iteration's time), see
+  :func:`benchmarks.harness.per_iteration`;
 * repeats are interleaved in a new random order each round, each run starting from fresh
-  copies of its carried buffers (buffer placement alone moves identical programs by
-  ~10% on CPU), and summarised by medians; ratios are ``time(other) / time(normzoo)`` (> 1:
+  copies of its carried buffers (buffer placement alone moves identical programs apart
+  on CPU), and summarised by medians; ratios are ``time(other) / time(normzoo)`` (> 1:
   normzoo faster), the fraction of copy bandwidth is ``time(copy) / time(impl)`` (1.0 = as
   fast as a copy), and ``copy / twin`` shows how far apart identical programs land in this
   run: a ratio closer to 1 than the largest such gap is reported as a tie;
@@ -35,8 +35,14 @@ Protocol (``../shared/DESIGN.md`` section 5, ``../shared/REFERENCES.md`` section
 * ``jax.profiler`` traces of a loop give the time of each compiled kernel (how the
   forward/backward plans in :mod:`normzoo.functional.fused` were chosen).
 
+Three kinds of rows (``../shared/DESIGN.md`` section 5): a layer loop with a fixed upstream
+gradient (:mod:`benchmarks.layers`), a layer loop whose loss depends on y and whole train
+steps of real model shapes (:mod:`benchmarks.training`); each normzoo column is traced with
+the opt-in CPU kernels explicitly off (the default path) or on (:mod:`benchmarks.backend`).
+
 Modules: :mod:`benchmarks.harness` (timing core), :mod:`benchmarks.layers` (the layer
-groups), :mod:`benchmarks.whitening` (whitening rows), :mod:`benchmarks.report`
+groups), :mod:`benchmarks.training` (loss and train-step rows), :mod:`benchmarks.backend`
+(the CPU kernels' switch), :mod:`benchmarks.whitening` (whitening rows), :mod:`benchmarks.report`
 (markdown, JSON, RESULTS.md), :mod:`benchmarks.cli` (the command line),
 :mod:`benchmarks.prototypes` (candidate faster implementations, measured the same way),
 :mod:`benchmarks.bounds` and :mod:`benchmarks.floors` (how close this machine lets a forward

@@ -2,10 +2,15 @@
 
 Examples::
 
-    python -m benchmarks --quick                      # CI smoke test, tiny shapes (< 1 min)
-    python -m benchmarks --layers ln,rms --dtype float32 --repeats 21
+    python -m benchmarks --quick                      # CI smoke test: every kind of row, tiny
+    python -m benchmarks --rows layers --layers ln,rms --dtype float32 --repeats 21
+    python -m benchmarks --rows loss,training --write-results   # the training-like rows only
     python -m benchmarks --json out.json --write-results   # full run, updates RESULTS.md
-    python -m benchmarks --layers ln --prototypes         # also time benchmarks/prototypes.py
+    python -m benchmarks --rows layers --layers ln --prototypes   # also benchmarks/prototypes.py
+
+Three kinds of rows (``--rows``): ``layers`` (one layer with a fixed upstream gradient, and
+the whitening rows), ``loss`` (one layer whose loss depends on y) and ``training`` (whole
+train steps of ``--models``), see :mod:`benchmarks.layers` and :mod:`benchmarks.training`.
 
 Progress goes to stderr, the markdown tables to stdout.
 """
@@ -21,11 +26,19 @@ from typing import Any, Sequence
 from benchmarks import floors as cpu_floors
 from benchmarks import layers as layer_groups
 from benchmarks import report
+from benchmarks import training as training_groups
 from benchmarks import whitening as whitening_groups
 from benchmarks.harness import GroupResult, time_group
 
 ALL_LAYERS = layer_groups.LAYERS + ("whitening",)
 DTYPES = ("float32", "bfloat16")
+ROWS = ("layers", "loss", "training")
+#: Default repeats per kind of row (``--repeats`` sets all): a train step costs many
+#: layer iterations, so its rows take fewer repeats of longer runs.
+REPEATS = {"layer": 15, "whitening": 15, "loss": 9, "train": 7}
+QUICK_REPEATS = 3
+#: Default aimed duration of one timed run per kind (``--target-ms`` sets all), seconds.
+TARGET_S = {"layer": 0.05, "whitening": 0.05, "loss": 0.05, "train": 0.25}
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
@@ -48,18 +61,31 @@ def parser() -> argparse.ArgumentParser:
         "jax.numpy and a copy roofline, forward and forward+backward, in one run.")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and few repeats: a smoke test (< 60 s on 2 cores)")
+    p.add_argument("--rows", type=_csv(ROWS, "--rows"), default=list(ROWS),
+                   help="comma list of layers (fixed upstream gradient; whitening), loss (loss "
+                   "depending on y), training (whole train steps) (default: all)")
     p.add_argument("--layers", type=_csv(ALL_LAYERS, "--layers"), default=list(ALL_LAYERS),
-                   help=f"comma list of {','.join(ALL_LAYERS)} (default: all)")
+                   help=f"comma list of {','.join(ALL_LAYERS)} for the layers and loss rows "
+                   "(default: all)")
+    p.add_argument("--models", type=_csv(training_groups.MODELS, "--models"),
+                   default=list(training_groups.MODELS),
+                   help=f"comma list of {','.join(training_groups.MODELS)} for the training "
+                   "rows (default: all)")
+    p.add_argument("--modes", type=_csv(training_groups.MODES, "--modes"),
+                   default=list(training_groups.MODES),
+                   help="loss rows: comma list of 'x+params' (grads of x and params) and "
+                   "'x only' (frozen params) (default: both)")
     p.add_argument("--dtype", type=_csv(DTYPES, "--dtype"), default=None,
                    help="comma list of float32,bfloat16 (default: both; float32 only with "
                    "--quick, to stay under a minute; whitening is always float32)")
     p.add_argument("--passes", type=_csv(layer_groups.PASSES, "--passes"),
                    default=list(layer_groups.PASSES), help="comma list of fwd,fwd+bwd")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per implementation (default 15; 3 with --quick)")
+                   help="timed repeats per implementation (default 15 for layer rows, 9 for "
+                   "loss rows, 7 for train steps; 3 with --quick)")
     p.add_argument("--target-ms", type=float, default=None,
-                   help="aimed duration of one timed run of the slowest implementation "
-                   "(default 50; 1 with --quick)")
+                   help="aimed duration of one timed run of each implementation "
+                   "(default 50, 250 for train steps; 1 with --quick)")
     p.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     p.add_argument("--write-results", nargs="?", const=RESULTS_PATH, metavar="PATH",
                    help=f"write the markdown report (default path {RESULTS_PATH})")
@@ -83,7 +109,8 @@ def wants_floors(args: argparse.Namespace, dtypes: Sequence[str]) -> bool:
     import jax
 
     return (not args.no_floors and jax.default_backend() == "cpu" and "float32" in dtypes
-            and "fwd" in args.passes and bool({"ln", "rms", "bn"} & set(args.layers)))
+            and "layers" in args.rows and "fwd" in args.passes
+            and bool({"ln", "rms", "bn"} & set(args.layers)))
 
 
 def run(args: argparse.Namespace, log=None
@@ -91,18 +118,30 @@ def run(args: argparse.Namespace, log=None
     """Builds and times every requested group, then the C++ floors where they apply;
     returns (results, notes, settings, floors or None)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    repeats = args.repeats or (3 if args.quick else 15)
-    target_s = (args.target_ms or (1.0 if args.quick else 50.0)) / 1e3
+    def repeats_for(kind: str) -> int:
+        return args.repeats or (QUICK_REPEATS if args.quick else REPEATS[kind])
+
+    def target_for(kind: str) -> float:
+        if args.target_ms:
+            return args.target_ms / 1e3
+        return 1e-3 if args.quick else TARGET_S[kind]
+
     workers = args.compile_workers or ((os.cpu_count() or 1) if args.quick else 1)
     dtypes = args.dtype or (["float32"] if args.quick else list(DTYPES))
-    settings = {"quick": args.quick, "dtypes": ",".join(dtypes), "repeats": repeats,
-                "target_ms": target_s * 1e3,
+    rows = list(args.rows)
+    settings = {"quick": args.quick, "rows": ",".join(rows), "dtypes": ",".join(dtypes),
+                "repeats": args.repeats or (QUICK_REPEATS if args.quick else "/".join(
+                    f"{k} {REPEATS[k]}" for k in ("layer", "loss", "train"))),
+                "target_ms": args.target_ms or (1.0 if args.quick else "/".join(
+                    f"{k} {TARGET_S[k] * 1e3:g}" for k in ("layer", "loss", "train"))),
                 "compile_workers": workers, "memory": not args.no_memory,
                 "prototypes": args.prototypes}
+    if "training" in rows:
+        settings["models"] = ",".join(args.models)
     notes: list[str] = []
     groups = []
     names = [n for n in args.layers if n != "whitening"]
-    if names:
+    if "layers" in rows and names:
         extra = None
         if args.prototypes:
             from benchmarks import prototypes
@@ -110,18 +149,29 @@ def run(args: argparse.Namespace, log=None
             extra = prototypes.extra_impls()
         groups += layer_groups.build_groups(names, dtypes, args.passes, quick=args.quick,
                                             extra_impls=extra)
-    if "whitening" in args.layers:
+    if "layers" in rows and "whitening" in args.layers:
         white, white_notes = whitening_groups.build_groups(quick=args.quick)
         groups += white
         notes += white_notes
         if "float32" not in dtypes:
             notes.append("whitening rows are float32 only (eigh / cholesky need float32)")
+    if "loss" in rows and names:
+        groups += training_groups.loss_groups(names, dtypes, args.modes, quick=args.quick)
+    if "training" in rows:
+        log("building the train-step models")
+        # --quick: one norm per model and no flax twin (each column is one compilation).
+        groups += training_groups.train_groups(args.models, dtypes, quick=args.quick,
+                                               twin=not args.quick)
+        if args.quick:
+            notes.append("--quick train rows: the first norm of each model, no flax twin "
+                         "(no noise control of their own: no ties)")
     cache: dict = {}
     results = []
     for index, group in enumerate(groups, 1):
         start = time.perf_counter()
-        result = time_group(group, repeats=repeats, target_s=target_s, cache=cache,
-                            memory=not args.no_memory, workers=workers)
+        kind = group.meta.get("kind", "layer")
+        result = time_group(group, repeats=repeats_for(kind), target_s=target_for(kind),
+                            cache=cache, memory=not args.no_memory, workers=workers)
         results.append(result)
         log(f"[{index}/{len(groups)}] {_describe(result)} ({time.perf_counter() - start:.1f} s)")
     floors = None
@@ -140,6 +190,11 @@ def _describe(result: GroupResult) -> str:
     m = result.meta
     if m.get("kind") == "whitening":
         return f"whitening G={m['G']} groups={m['groups']}"
+    if m.get("kind") in ("loss", "train"):
+        what = f"loss ({m['mode']})" if m["kind"] == "loss" else "train step"
+        bits = [f"{n}: flax/{n} {result.ratio('flax', n):.2f}" for n in ("normzoo", "normzoo_cpu")
+                if n in result.impls and "flax" in result.impls]
+        return f"{m['label']} {what} {m['dtype']}" + (": " + ", ".join(bits) if bits else "")
     text = f"{m['label']} {m['pass']} {m['dtype']}"
     if "normzoo" in result.impls:
         bits = [f"{n}/normzoo {result.ratio(n):.2f}" for n in ("flax_fast", "flax_2pass")
@@ -168,6 +223,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_json(args.json, report.to_json(results, {**meta, "settings": settings}, notes,
                                                     floors))
     if args.write_results:
-        with open(args.write_results, "w") as f:
-            f.write(report.results_markdown(results, meta, notes, settings, floors))
+        report.write_results(args.write_results, results, meta, notes, settings, floors)
     return 0

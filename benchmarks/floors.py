@@ -69,7 +69,7 @@ def flags() -> list[str]:
 
 def build() -> Path:
     """The probe's executable (compiled on first use; RuntimeError without a compiler)."""
-    from normzoo.functional import native
+    from normzoo.backends.cpu import library as native
 
     return native.cached_build(SOURCE, flags(), "floors", ".bin")
 

@@ -283,9 +283,8 @@ def per_iteration(short: float, long: float, n: int) -> float:
 
     Every call also pays costs that do not scale with ``n``: dispatch, the loop-invariant
     work XLA hoists out of the loop, first touch of the temporary buffers it allocates per
-    call. On XLA:CPU these reach ~17 ms per call (BatchNorm eval bfloat16 fwd+bwd, against
-    ~5.3 ms per iteration), so ``total / n`` at a few iterations measured the runtime more
-    than the layer. A slope that noise made non-positive falls back to ``long / 2n``.
+    call. On XLA:CPU they can exceed the time of several iterations, so ``total / n`` at a
+    few iterations would measure the runtime more than the layer. A slope that noise made non-positive falls back to ``long / 2n``.
     """
     slope = (long - short) / n
     return slope if slope > 0 else long / (2 * n)
@@ -394,7 +393,7 @@ def time_group(
             # A new order each round (no implementation always follows the same one) and
             # fresh copies of the carried buffers (made before the clock starts): the
             # placement of a buffer in memory (huge pages or not, cache-set aliasing) moves
-            # identical programs by +-15% on CPU; resampling it makes that noise, not bias.
+            # identical programs apart on CPU; resampling it makes that noise, not bias.
             for name in order.permutation(names):
                 n = iters[name]
                 state[name] = _fresh(state[name], carried[name])

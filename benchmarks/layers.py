@@ -9,16 +9,17 @@ the loops of :mod:`benchmarks.harness`:
   then ``x <- x - lr dx`` and ``params <- params - lr dparams / k`` (``lr`` a runtime scalar,
   ``k`` the elements per param); BN train also carries its updated running statistics.
   The update of x is computed in float32 and rounded once to x's dtype: in bfloat16
-  arithmetic its two extra roundings took more time than the layers' own work (XLA:CPU
+  arithmetic its two extra roundings would cost more than the layers' own work (XLA:CPU
   converts float32 -> bfloat16 in software).
 
   ``dy0`` is loop-invariant, so XLA hoists what depends on it alone out of the loop: the
   sum of dy (the bias gradient), for every implementation alike (checked in the compiled
-  HLO). The alternatives cost more than the layers (measured with ``jax.profiler`` on
-  XLA:CPU): a dynamic slice of a stacked ``(2, *shape)`` array ran ~8x slower than a copy;
-  ``dy0 * sign`` or ``-dy`` carried were written to a fresh buffer or copied each
-  iteration, and on CPU a kernel writing a new buffer runs ~3x slower than one writing in
-  place (the copy roofline ``x + 1`` writes in place).
+  HLO). The alternatives cost more than the layers (``jax.profiler`` on XLA:CPU): a dynamic
+  slice of a stacked ``(2, *shape)`` array is several times slower than a copy;
+  ``dy0 * sign`` or ``-dy`` carried are written to a fresh buffer or copied each
+  iteration, and on CPU a kernel writing a new buffer is slower than one writing in
+  place (the copy roofline ``x + 1`` writes in place). A loss whose gradient depends on
+  ``y`` is what :mod:`benchmarks.training` times.
 
 The carried arrays are donated and each timed run continues from the previous one's output
 (:class:`benchmarks.harness.Group` ``carried``).
@@ -44,7 +45,7 @@ import numpy as np
 from jax import lax
 
 import normzoo
-from normzoo.functional import native
+from benchmarks import backend
 from benchmarks.harness import Group
 
 Apply = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
@@ -52,13 +53,15 @@ Apply = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 #: Layer keys accepted by ``--layers``; "bn" expands to a training and an eval row.
 LAYERS = ("bn", "ln", "gn", "in", "rms")
 PASSES = ("fwd", "fwd+bwd")
-IMPLS = ("normzoo", "normzoo_xla", "flax_fast", "flax_2pass", "jnp")
+#: ``normzoo`` is the default path (CPU kernels off); ``normzoo_cpu`` the same layers with the
+#: opt-in CPU kernels on, timed only where ``normzoo.backends.cpu`` is available.
+IMPLS = ("normzoo", "normzoo_cpu", "flax_fast", "flax_2pass", "jnp")
 COPY = "copy"
 #: A second copy loop, identical to COPY: ``time(copy) / time(copy_twin)`` is how far apart
 #: two identical programs land in the same run (buffer placement, interference).
 TWIN = "copy_twin"
 
-#: Shapes: the issue's (4096, 1024) for LN/RMS and NHWC (64, 28, 28, 128) for BN/GN/IN.
+#: Shapes: (4096, 1024) for LN/RMS and NHWC (64, 28, 28, 128) for BN/GN/IN.
 FULL_SHAPES = {"ln": (4096, 1024), "rms": (4096, 1024), "bn": (64, 28, 28, 128),
                "gn": (64, 28, 28, 128), "in": (64, 28, 28, 128)}
 QUICK_SHAPES = {"ln": (256, 128), "rms": (256, 128), "bn": (8, 8, 8, 64),
@@ -237,7 +240,7 @@ def forward_backward_loop(apply: Apply):
             x, params, stats = carry
             dx, dparams, stats = step(params, stats, x, dy0)
             # One rounding to x's dtype: in bfloat16 arithmetic (a rounding after the product
-            # and one after the difference) this update alone cost ~2x a copy on XLA:CPU.
+            # and one after the difference) this update alone would cost more than a copy.
             x = (x.astype(jnp.float32) - lr * dx.astype(jnp.float32)).astype(x.dtype)
             # Params take a step scaled by 1 / (elements per param): bounded over long runs.
             params = jax.tree_util.tree_map(
@@ -295,21 +298,18 @@ def _inputs(variant: Variant, shape, dtype, seed: int = 0):
     return x, dy0, params, stats
 
 
-def without_native(apply: Apply) -> Apply:
-    """``apply`` traced with normzoo's native CPU kernels off (its pure-XLA path)."""
-
-    def traced_without(*args):
-        with native.disabled():
-            return apply(*args)
-
-    return traced_without
+def with_cpu_kernels(apply: Apply, flag: bool) -> Apply:
+    """``apply`` traced with normzoo's opt-in CPU kernels switched to ``flag``."""
+    return backend.traced(apply, flag)
 
 
 def implementations(variant: Variant, dtype: Any) -> dict[str, Apply]:
+    """Every implementation this tree has (``normzoo_cpu`` only with the CPU backend)."""
+    zoo = {name: with_cpu_kernels(linen_apply(make_module(normzoo, variant, dtype, True),
+                                              variant), flag)
+           for name, flag in backend.columns().items()}
     return {
-        "normzoo": linen_apply(make_module(normzoo, variant, dtype, True), variant),
-        "normzoo_xla": without_native(
-            linen_apply(make_module(normzoo, variant, dtype, True), variant)),
+        **zoo,
         "flax_fast": linen_apply(make_module(nn, variant, dtype, True), variant),
         "flax_2pass": linen_apply(make_module(nn, variant, dtype, False), variant),
         "jnp": jnp_apply(variant, dtype),

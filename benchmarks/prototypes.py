@@ -1,6 +1,6 @@
 """Prototypes of faster normalization, measured with the benchmark's own machinery.
 
-Not part of normzoo: quick candidates for ``normzoo/functional`` (issue 5, phase 2), kept
+Not part of normzoo: quick candidates for ``normzoo/functional``, kept
 here so that the evidence behind the proposal can be rerun. ``proto_nhwc``'s channels-last
 group sums and ``proto_vjp``'s backward reading only ``x``, ``dy`` and per-channel vectors
 are now in :mod:`normzoo.functional.fused` (as a ``custom_jvp``, which keeps forward mode);

@@ -1,4 +1,4 @@
-"""Reporting: machine description, markdown tables, issue-5 target checks, JSON, RESULTS.md."""
+"""Reporting: machine description, markdown tables, target checks, JSON, RESULTS.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from benchmarks.harness import GroupResult
 
 FLAX = ("flax_fast", "flax_2pass")
 #: Implementations shown first, in this order; any others (prototypes) follow.
-ORDER = ("normzoo", "normzoo_xla", "flax_fast", "flax_2pass", "jnp")
+ORDER = ("normzoo", "normzoo_cpu", "flax_fast", "flax_2pass", "jnp")
 
 
 # -------------------------------------------------------------------------- machine
@@ -67,11 +67,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def _native_kernels() -> str:
-    from normzoo.functional import native
+    from benchmarks import backend
 
-    if native.available():
-        return "on"
-    return f"off ({native.failure() or 'switched off'})"
+    return backend.status()
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -186,7 +184,7 @@ def whitening_table(results: Sequence[GroupResult]) -> str:
 
 
 def targets(results: Sequence[GroupResult]) -> list[dict[str, Any]]:
-    """The CPU targets of issue 5 checked on this run; a speed target holds when it holds
+    """The layer rows' CPU targets checked on this run; a speed target holds when it holds
     against both flax variants (fast and two-pass variance), i.e. on the smaller ratio."""
     checks = []
     spread = noise_floor(results)
@@ -265,8 +263,187 @@ def targets_table(checks: Sequence[dict[str, Any]]) -> str:
 
     rows = [[c["target"], c["row"], _x(c["value"]), _x(c["threshold"]), verdict(c)]
             for c in checks]
-    return _table(["target (issue 5)", "row", "value", "threshold", "met"], rows)
+    return _table(["target", "row", "value", "threshold", "met"], rows)
 
+
+
+# ------------------------------------------------- rows that look like training
+
+
+def _gap(a: float | None, b: float | None) -> float | None:
+    """How far apart two times are, as a fraction: ``exp(|log(a / b)|) - 1``."""
+    if not a or not b:
+        return None
+    return math.exp(abs(math.log(a / b))) - 1.0
+
+
+def _median(values: Sequence[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def row_noise(r: GroupResult) -> float | None:
+    """The gap between the row's two identical programs: the copy and its twin for a loss
+    row, the flax train loop and its separately compiled twin for a train row."""
+    if r.meta.get("kind") == "train":
+        twin = next(iter(r.controls), None)
+        if "flax" not in r.impls or twin not in r.impls:
+            return None
+        return _gap(r.impls["flax"].median_s, r.impls[twin].median_s)
+    c = r.control_ratio()
+    return None if c is None else _gap(c, 1.0)
+
+
+def run_noise(results: Sequence[GroupResult], kind: str) -> float | None:
+    """The median of :func:`row_noise` over this run's rows of ``kind``."""
+    return _median([g for r in results if r.meta.get("kind") == kind
+                    and (g := row_noise(r)) is not None])
+
+
+def verdict(ratio: float | None, noise: float | None) -> str:
+    """``time(flax) / time(normzoo)`` judged against the noise: >= 1 is "yes"; closer to 1
+    than the noise (``ratio >= 1 / (1 + noise)``) is a tie; anything else is "no"."""
+    if ratio is None:
+        return "-"
+    if ratio >= 1.0:
+        return "yes"
+    if noise is not None and ratio >= 1.0 / (1.0 + noise):
+        return "tie"
+    return "**no**"
+
+
+def _tie_noise(r: GroupResult, results: Sequence[GroupResult]) -> float | None:
+    """The noise a row's ratio is judged against: the larger of its own twin gap and the
+    run's median twin gap for rows of its kind (one quiet row does not make a small gap
+    significant when identical programs land further apart elsewhere in the run)."""
+    gaps = [g for g in (row_noise(r), run_noise(results, r.meta.get("kind"))) if g is not None]
+    return max(gaps) if gaps else None
+
+
+def _row_name(r: GroupResult) -> str:
+    m = r.meta
+    if m.get("kind") == "loss":
+        return f"{m['label']} loss ({m['mode']}) {m['dtype']}"
+    return f"{m['label']} train step {m['dtype']}"
+
+
+def training_verdicts(results: Sequence[GroupResult]) -> list[dict[str, Any]]:
+    """Per loss or train row: is the default path (and the CPU kernels) at least as fast as
+    flax.linen, ties within the noise counting as ties."""
+    out = []
+    for r in results:
+        if r.meta.get("kind") not in ("loss", "train") or "flax" not in r.impls:
+            continue
+        noise = _tie_noise(r, results)
+        default = r.ratio("flax", "normzoo")
+        kernels = r.ratio("flax", "normzoo_cpu")
+        out.append({"row": _row_name(r), "kind": r.meta["kind"], "flax_over_normzoo": default,
+                    "flax_over_normzoo_cpu": kernels, "row_noise": row_noise(r),
+                    "noise": noise, "default": verdict(default, noise),
+                    "cpu_kernels": verdict(kernels, noise) if kernels is not None else "n/a"})
+    return out
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:,.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _impl_ratio(r: GroupResult, other: str, ref: str) -> str:
+    value = r.ratio(other, ref)
+    return "n/a" if value is None else _x(value)
+
+
+def loss_table(results: Sequence[GroupResult]) -> str:
+    rows_ = [r for r in results if r.meta.get("kind") == "loss"]
+    if not rows_:
+        return ""
+    header = ["layer", "mode", "dtype", "shape", "copy µs", "normzoo µs", "flax / normzoo",
+              "flax / normzoo+cpu", "copy / twin", "spread", "default vs flax",
+              "cpu kernels vs flax"]
+    rows = []
+    for r in rows_:
+        noise = _tie_noise(r, results)
+        spread = max(i.spread for i in r.impls.values())
+        kernels = r.ratio("flax", "normzoo_cpu")
+        rows.append([
+            r.meta["label"], r.meta["mode"], r.meta["dtype"], _shape(r.meta),
+            _us(r.impls[r.roofline].median_s) if r.roofline in r.impls else "-",
+            _us(r.impls["normzoo"].median_s) if "normzoo" in r.impls else "-",
+            _impl_ratio(r, "flax", "normzoo"), _impl_ratio(r, "flax", "normzoo_cpu"),
+            _x(r.control_ratio()), _pct(spread),
+            verdict(r.ratio("flax", "normzoo"), noise),
+            verdict(kernels, noise) if kernels is not None else "n/a",
+        ])
+    return _table(header, rows)
+
+
+def train_table(results: Sequence[GroupResult]) -> str:
+    rows_ = [r for r in results if r.meta.get("kind") == "train"]
+    if not rows_:
+        return ""
+    header = ["model", "dtype", "setup", "flax ms", "normzoo ms", "flax / normzoo",
+              "flax / normzoo+cpu", "flax / flax twin", "spread", "compile s flax / normzoo",
+              "first-step loss vs flax", "default vs flax", "cpu kernels vs flax"]
+    rows = []
+    for r in rows_:
+        noise = _tie_noise(r, results)
+        twin = next(iter(r.controls), None)
+        spread = max(i.spread for i in r.impls.values())
+        kernels = r.ratio("flax", "normzoo_cpu")
+        checks = [i.check_rel for n, i in r.impls.items()
+                  if n != "flax" and i.check_rel is not None]
+        compile_s = " / ".join(f"{r.impls[n].compile_s:.1f}" for n in ("flax", "normzoo")
+                               if n in r.impls)
+        rows.append([
+            r.meta["label"], r.meta["dtype"], r.meta.get("describe", _shape(r.meta)),
+            _ms(r.impls["flax"].median_s) if "flax" in r.impls else "-",
+            _ms(r.impls["normzoo"].median_s) if "normzoo" in r.impls else "-",
+            _impl_ratio(r, "flax", "normzoo"), _impl_ratio(r, "flax", "normzoo_cpu"),
+            _impl_ratio(r, "flax", twin) if twin else "-", _pct(spread), compile_s,
+            f"{max(checks):.0e}" if checks else "-",
+            verdict(r.ratio("flax", "normzoo"), noise),
+            verdict(kernels, noise) if kernels is not None else "n/a",
+        ])
+    return _table(header, rows)
+
+
+def training_sections(results: Sequence[GroupResult]) -> list[str]:
+    """The loss and train-step tables with their reading instructions."""
+    parts: list[str] = []
+    loss, train = loss_table(results), train_table(results)
+    if not loss and not train:
+        return parts
+    noise = {k: run_noise(results, k) for k in ("loss", "train")}
+    rule = ("Ratios are time(flax.linen) / time(normzoo), medians of interleaved repeats "
+            "(> 1: normzoo faster). A row is judged against the larger of its own twin gap and "
+            "this run's median twin gap for its kind (loss rows: "
+            f"{_pct(noise['loss'])}; train rows: {_pct(noise['train'])}): a ratio >= 1 is "
+            "\"yes\", a ratio below 1 but within that noise is a \"tie\", anything slower is "
+            "**no**. `spread`: the largest interquartile range / median over the row's columns.")
+    if any("normzoo_cpu" not in r.impls for r in results if _is_training(r)):
+        rule += (" `n/a`: the CPU kernels (`normzoo.backends.cpu`) were not available in this "
+                 "run.")
+    if loss:
+        parts += ["### Layer loops whose loss depends on y", "",
+                  "`loss = 0.5 sum(y^2) + sum(y c)`, c fixed and random, inside one "
+                  "`lax.fori_loop`: `x+params` updates x and the params with their gradients; "
+                  "`x only` freezes the params (not differentiated; BatchNorm eval = "
+                  "`use_running_average=True` under `grad`). flax: flax.linen with its "
+                  "defaults.", "", rule, "", loss, ""]
+    if train:
+        parts += ["### Whole train steps (jitted optax step in a `lax.fori_loop`)", "",
+                  "Each model is written once with the norm class as a field; flax.linen's "
+                  "and normzoo's are given the same variables, and their first-step losses "
+                  "are asserted equal before timing (1e-4 relative in float32, 2e-2 in "
+                  "bfloat16; the largest difference is shown). `flax / flax twin`: a second, "
+                  "separately compiled copy of the flax loop, the noise control. bfloat16: "
+                  "the layers' and model's `dtype`, float32 params and loss.", "", rule, "",
+                  train, ""]
+    return parts
 
 # --------------------------------------------------------------------------- output
 
@@ -306,6 +483,7 @@ def markdown(results: Sequence[GroupResult], notes: Sequence[str] = (), floors: 
                   "in the JSON). check: max |difference| / max "
                   "|value| against flax two-pass after one iteration (y for fwd; dx and "
                   "dparams for fwd+bwd).", "", table, ""]
+    parts += training_sections(results)
     table = whitening_table(results)
     if table:
         parts += ["### Whitening (float32): time per call and multiple of one G x G matmul",
@@ -313,7 +491,7 @@ def markdown(results: Sequence[GroupResult], notes: Sequence[str] = (), floors: 
     table = targets_table(targets(results))
     if table:
         floor = noise_floor(results)
-        parts += ["### Issue 5 targets in this run (against both flax variants)", ""]
+        parts += ["### Layer-row targets in this run (against both flax variants)", ""]
         if floor is not None:
             gaps = control_gaps(results)
             parts += [f"Noise floor of this run: two identical copy loops (copy / twin) landed "
@@ -344,6 +522,7 @@ def to_json(
         "meta": meta,
         "groups": [r.to_dict() for r in results],
         "targets": targets(results),
+        "training_verdicts": training_verdicts(results),
         "floors": dataclasses.asdict(floors) if floors is not None else None,
         "notes": list(notes),
     }
@@ -355,19 +534,10 @@ def write_json(path: str, payload: dict) -> None:
         f.write("\n")
 
 
-def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes: Sequence[str],
-                     settings: dict[str, Any], floors: Any = None) -> str:
-    """The whole RESULTS.md: command, machine, settings, tables."""
+def _header(meta: dict[str, Any], settings: dict[str, Any]) -> list[str]:
     load = meta.get("load_average")
     load_end = meta.get("load_average_end")
-    lines = [
-        "# normzoo benchmark results",
-        "",
-        "Generated by `python -m benchmarks --write-results`; see `benchmarks/__init__.py` for the",
-        "protocol (one jitted `lax.fori_loop` per implementation, output fed back, the time per",
-        "iteration the slope between runs of n and 2n iterations, interleaved repeats, medians,",
-        "a copy `x + 1` of the same array as the roofline).",
-        "",
+    return [
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- machine: {meta['cpu']} ({meta['cpu_count']} cores), {meta['platform']}",
@@ -378,15 +548,81 @@ def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes
         f"- XLA_FLAGS: `{meta['xla_flags'] or '(none)'}`",
         f"- load average (1, 5, 15 min) at start: {load}, at end: {load_end}",
         f"- settings: {', '.join(f'{k}={v}' for k, v in settings.items())}",
-        f"- normzoo's native CPU kernels: {meta.get('native_kernels', 'unknown')}",
+        f"- normzoo's CPU kernels: {meta.get('native_kernels', 'unknown')}",
+    ]
+
+
+def results_markdown(results: Sequence[GroupResult], meta: dict[str, Any], notes: Sequence[str],
+                     settings: dict[str, Any], floors: Any = None) -> str:
+    """The layer rows' part of RESULTS.md: command, machine, settings, tables."""
+    lines = [
+        "# normzoo benchmark results",
         "",
-        "Implementations: `normzoo` (on CPU its native kernels where "
-        "`normzoo.functional.fused.NATIVE_PLAN` and `NATIVE_BACKWARD_PLAN` pick them), "
-        "`normzoo_xla` (the same layers with the kernels off: the pure-XLA path), flax.linen "
-        "with `use_fast_variance` True and False, a textbook `jax.numpy` version, and the copy. "
-        "Step temp memory is XLA's count of its own buffers: the native kernels' scratch "
-        "(per-thread partial sums, at most a few hundred KiB here) is not in it.",
+        "Generated by `python -m benchmarks --write-results`; see `benchmarks/__init__.py` for the",
+        "protocol (one jitted `lax.fori_loop` per implementation, output fed back, the time per",
+        "iteration the slope between runs of n and 2n iterations, interleaved repeats, medians,",
+        "a copy `x + 1` of the same array as the roofline).",
+        "",
+        *_header(meta, settings),
+        "",
+        "Implementations: `normzoo` (the default path, CPU kernels off), `normzoo_cpu` (the same "
+        "layers with the opt-in CPU kernels of `normzoo.backends.cpu` on, when available), "
+        "flax.linen with `use_fast_variance` True and False, a textbook `jax.numpy` version, "
+        "and the copy. Step temp memory is XLA's count of its own buffers: scratch memory "
+        "inside a custom call is not in it.",
         "",
         markdown(results, notes, floors),
     ]
     return "\n".join(lines)
+
+
+#: Markers around the training rows' part of RESULTS.md, so that a run of only those rows
+#: (or only the layer rows) replaces its own part and keeps the other.
+BEGIN_TRAINING = "<!-- BEGIN training rows (python -m benchmarks --rows loss,training) -->"
+END_TRAINING = "<!-- END training rows -->"
+
+
+def training_markdown(results: Sequence[GroupResult], meta: dict[str, Any],
+                      notes: Sequence[str], settings: dict[str, Any]) -> str:
+    """The loss and train-step rows' part of RESULTS.md, between its markers."""
+    lines = [
+        BEGIN_TRAINING,
+        "",
+        "## Rows that look like training: loss depending on y, whole train steps",
+        "",
+        "See `benchmarks/training.py` for what each row runs.",
+        "",
+        *_header(meta, settings),
+        "",
+        markdown(results, notes),
+        END_TRAINING,
+    ]
+    return "\n".join(lines)
+
+
+def _is_training(r: GroupResult) -> bool:
+    return r.meta.get("kind") in ("loss", "train")
+
+
+def write_results(path: str, results: Sequence[GroupResult], meta: dict[str, Any],
+                  notes: Sequence[str], settings: dict[str, Any], floors: Any = None) -> None:
+    """Writes RESULTS.md: the parts this run measured replace their old text, the other
+    part (layer rows, or loss and train rows) is kept as it was, with its own command."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    old_top, old_training = old, ""
+    if BEGIN_TRAINING in old and END_TRAINING in old:
+        start, end = old.index(BEGIN_TRAINING), old.index(END_TRAINING) + len(END_TRAINING)
+        old_top, old_training = old[:start] + old[end:], old[start:end]
+    layer_rows = [r for r in results if not _is_training(r)]
+    training_rows = [r for r in results if _is_training(r)]
+    top = (results_markdown(layer_rows, meta, notes, settings, floors) if layer_rows
+           else old_top.rstrip() or "# normzoo benchmark results")
+    training = (training_markdown(training_rows, meta, notes, settings) if training_rows
+                else old_training)
+    with open(path, "w") as f:
+        f.write(top.rstrip() + "\n")
+        if training:
+            f.write("\n" + training + "\n")

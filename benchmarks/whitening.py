@@ -18,7 +18,7 @@ Loops feed the result back without drifting: ``S <- S0 + c sym(W)`` (``c = 1e-3`
 eigenvalues in [0.02, 1], condition number 50, so S stays positive definite) and
 ``X <- X0 + c diag(cov(X))``. Reported: time per call and ``time / time(matmul)``.
 
-normzoo's own functions (``normzoo.functional.covariance`` / ``whitening_matrix``, issue 3) are
+normzoo's own functions (``normzoo.functional.covariance`` / ``whitening_matrix``) are
 timed alongside as ``nz_<name>`` when :func:`normzoo_ops` can find and call them; otherwise the
 rows time the jax.numpy reference only and say why in a note. If their signatures change,
 adapt the calls in :func:`normzoo_ops` (one place).
@@ -109,7 +109,7 @@ def normzoo_ops(
 ) -> tuple[dict[str, Callable[..., jax.Array]], list[str]]:
     """normzoo's whitening functions as ``op(x_or_s, groups)``, or ({}, notes) when missing.
 
-    Uses the public API of issue 3: ``normzoo.functional.covariance(x, reduction_axes,
+    Uses the public API: ``normzoo.functional.covariance(x, reduction_axes,
     group_size=G) -> (mean, cov)`` and ``normzoo.functional.whitening_matrix(cov, method,
     epsilon=, iterations=)``. Each op is traced once on a small example; one that is missing
     or fails is skipped with a note, so these rows keep working while the API moves.

@@ -1,20 +1,31 @@
 """normzoo: a JAX/Flax normalization zoo.
 
-* :mod:`normzoo.functional`: pure functions with explicit running statistics;
-* the layers below: Flax linen modules, drop-in for flax.linen's where flax has the layer;
-* :mod:`normzoo.registry`: pick a layer by name (``"bn"``, ``"ln"``, ...).
+* :mod:`normzoo.functional`: pure functions with explicit running statistics, and the
+  engine they are points of (area x operation x recovery x estimator);
+* the layers below: Flax linen modules (:mod:`normzoo.linen`), drop-in for flax.linen's where
+  flax has the layer;
+* :mod:`normzoo.registry`: pick a layer by name (``"bn"``, ``"ln"``, ...);
+* :mod:`normzoo.backends.cpu`: opt-in hand-written CPU kernels (off unless enabled).
 """
+
+import os as _os
 
 from normzoo import functional
 from normzoo.linen import (
     BatchNorm,
     Centering,
+    CholeskyWhitening,
+    DecorrelatedBatchNorm,
     GroupNorm,
     InstanceNorm,
+    IterNorm,
     LayerNorm,
+    PCAWhitening,
     RMSNorm,
     Scaling,
     Standardization,
+    Whitening,
+    ZCAWhitening,
 )
 
 __version__ = "0.1.0"
@@ -22,29 +33,22 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "Centering",
+    "CholeskyWhitening",
+    "DecorrelatedBatchNorm",
     "GroupNorm",
     "InstanceNorm",
+    "IterNorm",
     "LayerNorm",
+    "PCAWhitening",
     "RMSNorm",
     "Scaling",
     "Standardization",
+    "Whitening",
+    "ZCAWhitening",
     "functional",
 ]
 
-from normzoo.linen import (  # noqa: E402
-    CholeskyWhitening,
-    DecorrelatedBatchNorm,
-    IterNorm,
-    PCAWhitening,
-    Whitening,
-    ZCAWhitening,
-)
+if _os.environ.get("NORMZOO_CPU_KERNELS") == "1":  # the opt-in CPU kernels, for this process
+    from normzoo.backends import cpu as _cpu_kernels
 
-__all__ += [
-    "CholeskyWhitening",
-    "DecorrelatedBatchNorm",
-    "IterNorm",
-    "PCAWhitening",
-    "Whitening",
-    "ZCAWhitening",
-]
+    _cpu_kernels.enable()

@@ -1,8 +1,8 @@
 """Pick a normalization layer by name, as experiments and command lines do.
 
     >>> from normzoo import registry
-    >>> layer = registry.make("bn", use_running_average=not train, momentum=0.9)
-    >>> y = layer(x)
+    >>> layer = registry.make("bn", use_running_average=False, momentum=0.9)
+    >>> variables = layer.init(jax.random.key(0), x)
 
 ``use_running_average`` is forwarded to the layers that keep running statistics
 (``registry.is_stateful(name)``) and dropped for the others, so a model can treat every
@@ -20,11 +20,16 @@ import flax.linen as nn
 from normzoo.linen import (
     BatchNorm,
     Centering,
+    CholeskyWhitening,
+    DecorrelatedBatchNorm,
     GroupNorm,
     InstanceNorm,
+    IterNorm,
     LayerNorm,
+    PCAWhitening,
     RMSNorm,
     Scaling,
+    ZCAWhitening,
 )
 
 
@@ -104,15 +109,6 @@ register(
     functools.partial(Scaling, area="batch"),
     stateful=True,
     description="mean-square BatchNorm: x / sqrt(E_B[x^2] + eps), no centering",
-)
-
-# Whitening family (normzoo.linen.whitening).
-from normzoo.linen import (  # noqa: E402
-    CholeskyWhitening,
-    DecorrelatedBatchNorm,
-    IterNorm,
-    PCAWhitening,
-    ZCAWhitening,
 )
 
 register(

@@ -2,8 +2,8 @@
 
 Eight simulated CPU devices for the ``shard_map`` / ``pmap`` tests: the flag must be in
 ``XLA_FLAGS`` before jax is first imported, so it is set here, at conftest import time,
-appended to whatever the user already has. Nothing else is enabled globally: float64
-checks use ``jax.experimental.enable_x64()`` locally.
+appended to whatever the user already has. Nothing else is enabled globally: a float64
+test asks for the ``x64`` fixture, which enables 64-bit types for that test only.
 """
 
 import os
@@ -23,3 +23,34 @@ import pytest  # noqa: E402
 def rng():
     """A fresh, seeded numpy Generator per test."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(params=[False, True], ids=["kernels_off", "kernels_on"])
+def cpu_kernels(request):
+    """Runs a test with normzoo's opt-in CPU kernels off and on (normzoo.backends.cpu).
+
+    On: enabled for this test only (also with this process's 8 simulated devices, for
+    unsharded inputs), disabled after; skipped where the kernels are not available.
+    Yields whether they are on.
+    """
+    if not request.param:
+        yield False
+        return
+    kernels = pytest.importorskip("normzoo.backends.cpu")
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {kernels.failure()}")
+    with kernels.enabled(True, multi_device=True):
+        yield True
+
+
+@pytest.fixture
+def x64():
+    """float64 for one test: ``jax_enable_x64`` on while it runs, restored after.
+
+    ``jax.enable_x64`` is a context manager: the setting is restored even when the test
+    fails, so 64-bit types never leak into the next test.
+    """
+    import jax
+
+    with jax.enable_x64(True):
+        yield

@@ -1,45 +1,94 @@
 """normzoo.functional: pure jax.numpy normalization, no Flax.
 
+The engine (:mod:`normzoo.functional.engine`): a :class:`Normalizer` is an :class:`Area`, an
+operation (:class:`Moments` or :class:`Whiten`), a recovery and an estimator, plus
+:class:`Reduction` options. The presets (``batch_norm``, ``layer_norm``, ...) are points of it.
+
 Stateless transforms return ``y``; those with running statistics take and return them:
 ``y, new_stats = batch_norm(x, stats, scale, bias, train=True)``. All are jit/vmap/grad safe
 and raise clear errors at trace time.
 """
 
+from normzoo.functional import area
+from normzoo.functional.area import Area
 from normzoo.functional.axes import AREAS, canonicalize_axes, resolve_num_groups
+from normzoo.functional.covariance import combine_covariance_across_devices, covariance
+from normzoo.functional.engine import Normalizer
+from normzoo.functional.estimators import (
+    EMA,
+    ESTIMATORS,
+    BatchOnly,
+    Cumulative,
+    DebiasedEMA,
+    Estimator,
+    Population,
+)
 from normzoo.functional.moments import combine_across_devices, moments
 from normzoo.functional.operations import (
+    CENTER,
     OPERATIONS,
+    SCALE,
+    STANDARDIZE,
     STATISTICS,
+    Moments,
     affine,
     apply_statistics,
-    center,
-    scale,
-    standardize,
     statistics,
 )
 from normzoo.functional.presets import (
     batch_norm,
+    center,
     group_norm,
     instance_norm,
     layer_norm,
     normalize,
     rms_norm,
+    scale,
+    standardize,
+    whiten,
 )
+from normzoo.functional.reduction import Reduction
 from normzoo.functional.running import ema, init_batch_stats
+from normzoo.functional.whitening import (
+    METHODS as WHITENING_METHODS,
+    Whiten,
+    init_whitening_stats,
+    whitening_matrix,
+)
 
 __all__ = [
     "AREAS",
+    "Area",
+    "BatchOnly",
+    "CENTER",
+    "Cumulative",
+    "DebiasedEMA",
+    "EMA",
+    "ESTIMATORS",
+    "Estimator",
+    "Moments",
+    "Normalizer",
     "OPERATIONS",
+    "Population",
+    "Reduction",
+    "SCALE",
+    "STANDARDIZE",
     "STATISTICS",
+    "WHITENING_METHODS",
+    "Whiten",
     "affine",
     "apply_statistics",
+    "area",
     "batch_norm",
     "canonicalize_axes",
     "center",
     "combine_across_devices",
+    "combine_covariance_across_devices",
+    "covariance",
     "ema",
     "group_norm",
     "init_batch_stats",
+    "init_whitening_stats",
     "instance_norm",
     "layer_norm",
     "moments",
@@ -49,25 +98,6 @@ __all__ = [
     "scale",
     "standardize",
     "statistics",
-]
-
-# Whitening family (ZCA, PCA, Cholesky, Newton-Schulz / IterNorm) and per-group covariance.
-from normzoo.functional.covariance import (  # noqa: E402
-    combine_covariance_across_devices,
-    covariance,
-)
-from normzoo.functional.whitening import (  # noqa: E402
-    METHODS as WHITENING_METHODS,
-    init_whitening_stats,
-    whiten,
-    whitening_matrix,
-)
-
-__all__ += [
-    "WHITENING_METHODS",
-    "combine_covariance_across_devices",
-    "covariance",
-    "init_whitening_stats",
     "whiten",
     "whitening_matrix",
 ]

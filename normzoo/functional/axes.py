@@ -26,7 +26,7 @@ import numpy as np
 
 Axes = Union[int, Sequence[int]]
 
-AREAS = ("batch", "layer", "group", "instance")
+AREAS = ("batch", "layer", "group", "instance", "position", "axes")
 
 
 def canonicalize_axes(ndim: int, axes: Axes, *, name: str = "axes") -> tuple[int, ...]:

@@ -18,8 +18,8 @@ plus the terms of the returned statistics' own cotangents (``dmean / n`` and
 Layout. Channel groups (GroupNorm) are not a ``(..., G, C/G)`` view of x: every full-size
 reduction runs over the reduction axes *other than the channel axis*, in x's own layout,
 to per-channel partial means (``(N, C)`` for NHWC GroupNorm), and the groups are finished
-on those tiny arrays. A strided reduction over a split channel axis is several times slower on
-CPU than a reduction that keeps the contiguous channel axis.
+on those tiny arrays: a strided reduction over a split channel axis is slower on CPU than
+one that keeps the contiguous channel axis.
 
 Passes. XLA:CPU writes to memory any full-size value that feeds more than one kernel, so
 the linearization is written so that its transpose reads only ``x``, ``dy`` and small
@@ -31,45 +31,32 @@ are ``dy * k``, ``sum(dy)`` and ``sum(dy * c)``: the parameter gradients reuse t
 sums, and ``dx`` is one elementwise pass. ``c = x - mean`` is spelled two ways (one for
 the sums, one for ``dx``) so that XLA does not merge and materialize it. The per-channel
 vectors that pass reads (``mean``, ``k`` and the cotangents of the sums) go through
-:func:`computed_once`, a tiny identity matrix product: otherwise XLA:CPU recomputes their
-arithmetic for every element (BatchNorm training step, bfloat16: the ``dx`` kernel went
-from ~4.2 to ~2.2 ms).
+:func:`computed_once`, so that XLA:CPU computes them once rather than per element.
 
 When ``scale`` varies within a statistic the backward's sums are over ``g = dy * scale``.
 For LayerNorm and RMSNorm (x a ``(rows, features)`` matrix, scale per feature) the per-row
 terms times the scale are written as outer products (:func:`_outer`), so their transposes
 are matrix-vector products: ``E[g] = dy @ scale / n``, ``E[g c] = (dy * c) @ scale / n``
 and ``dscale = r @ (dy * c)``, the one full-size ``dy * c`` written once and read by both.
-XLA:CPU runs those as BLAS matrix-vector products at memory speed; its fused row and column
-reductions over two arrays ran ~2x slower (training step, 4096x1024 float32: 4.7 ms
-against flax's 9.6 ms; with reductions 10.6 ms). That form is chosen on CPU only
+XLA:CPU runs those as BLAS matrix-vector products at memory speed, faster than its fused
+row and column reductions over two arrays. That form is chosen on CPU only
 (``lax.platform_dependent``): elsewhere, and where the scale also varies across rows, one
 ``xhat`` is shared by the row sums and the column sums, as in flax's autodiff.
 
 Statistics. Which variance algorithm (two-pass, shifted or guarded one-pass) and which
-output form run is decided per layout and dtype by :func:`_plan`, from measurements: on
-XLA:CPU the time of a kernel is not its bytes. A reduction over ``x - shift`` with a
-broadcast shift runs ~3x slower than one over ``x`` and ``x^2``, a kernel writing a fresh
-buffer ~3x slower than one writing in place, and the forward pass fused into one kernel
-slower than reductions followed by a separate elementwise kernel. Every choice is exact to
-rounding when ``|mean| >> std`` (tests/functional/test_f_fused.py).
-
-Native kernels. On CPU the forward pass of the layouts and dtypes in :data:`NATIVE_PLAN`
-runs as one hand-written kernel (:mod:`normzoo.functional.native`): XLA:CPU's reductions
-along the contiguous axis are serial loops, so LayerNorm and RMSNorm cost 4-6 copies of x
-there. Where :data:`NATIVE_BACKWARD_PLAN` says so, the linearization uses them too: the
-native forward plus :func:`normzoo.functional.native.linear.tangent`, a primitive whose
-transpose (the backward pass of ``jax.grad``) is a native kernel. ``native_policy`` (a
-static argument, :func:`normzoo.functional.native.policy`, so traces made with the kernels
-on and off are cached apart) selects them from a minimum size of x on, and
-``lax.platform_dependent`` keeps the XLA code for other backends.
+output form run is decided per layout and dtype by :func:`_plan`, from measurements
+(docs/performance.md): on XLA:CPU the time of a kernel is not its bytes. Every choice is
+exact to rounding when ``|mean| >> std`` (tests/functional/test_f_fused.py).
 
 Given statistics. :func:`normalize_frozen` (BatchNorm at inference, with its running
-averages) runs on CPU the native ``channel_affine`` kernel (XLA:CPU's elementwise loop over
-bfloat16 is slow: a bfloat16 copy costs more than a float32 one of the same shape) and takes
-its derivative from the same primitive in a ``frozen`` view: one native pass for ``dx`` and
-the params' sums, where autodiff leaves column sums to XLA:CPU's slow reductions over the
-leading axes.
+averages) is the plain formula, differentiated by plain autodiff: XLA then drops the
+parameters' sums where their gradients are not used (frozen parameters).
+
+Backends. Everything here is plain JAX (public API only). An optional backend registered in
+:mod:`normzoo.functional.backend` (the opt-in CPU kernels, :mod:`normzoo.backends.cpu`) is
+asked at trace time, at three places, whether it takes over: the forward pass of
+:func:`normalize_affine`, its linearization, and the forward pass of
+:func:`normalize_frozen`. With none registered (the default) nothing else runs.
 
 Used for the common case (no mask, no ``axis_name``); the general path in
 :mod:`normzoo.functional.operations` covers the rest with plain autodiff.
@@ -77,7 +64,6 @@ Used for the common case (no mask, no ``axis_name``); the general path in
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -86,12 +72,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from normzoo.functional import native
-from normzoo.functional.native.linear import View, tangent as native_tangent
+from normzoo.functional import backend
 from normzoo.functional.moments import reduced_moments
 
 Array = jax.Array
-
 
 class _Layout:
     """Where the statistics of x live, and how full-size arrays reduce to them.
@@ -183,12 +167,9 @@ def computed_once(*stats: Array) -> tuple[Array, ...]:
     XLA:CPU fuses cheap per-statistic arithmetic into the full-size kernel that consumes it
     and recomputes it for every element; a dot is never fused that way, so the arithmetic
     before it runs once, in its own small kernel. The op is linear and its transpose is a
-    dot again, so a backward pass gets the same boundary: the ``dx`` kernel of a BatchNorm
-    training step (64x28x28x128, bfloat16, jax.profiler) went from ~4.2 to ~2.2 ms; an
-    elementwise pass with five per-channel coefficients from 2.4 to 1.4 ms (float32). Exact
-    for finite values
-    (products by 1 and 0); a non-finite entry turns the others at its position NaN
-    (``0 * inf``). Other backends get ``stats`` as they are (measured on CPU only).
+    dot again, so a backward pass gets the same boundary (docs/performance.md). Exact for
+    finite values (products by 1 and 0); a non-finite entry turns the others at its position
+    NaN (``0 * inf``). Other backends get ``stats`` as they are (measured on CPU only).
     """
 
     def through_dot(*stats):
@@ -215,34 +196,25 @@ def _plan(
 ) -> tuple[str, str]:
     """``(variance method, output form)``: the fastest exact way for this layout and dtype.
 
-    Chosen by measurement on XLA:CPU (2 cores, jax 0.10; loops of the forward pass with the
-    output written over x, float32 64x28x28x128 / 4096x1024, µs per step, copy ~500 / ~350):
+    Chosen by measurement on XLA:CPU (loops of the forward pass and of training steps;
+    the numbers are in docs/performance.md, section "Variance plan"):
 
-    ================  ===========  ==========  ==========  ===========
-    statistic spans   one-pass     shifted     two-pass    chosen
-    ================  ===========  ==========  ==========  ===========
-    trailing (LN)     1820 (flax)  2200        1130 *      two-pass, offset form
-    leading (BN)      1490 (flax)  2030        1800 *      two-pass, negated form
-    middle (IN, GN)   2630 (flax)  7230        3540        guarded 2560, negated form
-    ================  ===========  ==========  ==========  ===========
-
-    (* with the offset form; for BN the negated form below does the same without the
-    offset form's per-element cost: 1690 µs against flax's 1500 in the benchmark's loop,
-    the price of two dependent reductions instead of two independent ones.)
-
-    For 16-bit inputs two-pass with the plain form is as fast as flax's one pass or faster
-    for LN and IN (LN 1350 vs 1320, IN 3120 vs 4200 µs, bfloat16): there XLA runs the whole
-    normalization as one kernel, and both other forms were slower (the float32 copy of x
-    gets written). BN takes the negated form: with the plain one XLA wrote the shared
-    ``x - mean`` to memory (2030 µs against 3280, flax 2100; per-iteration slopes of the
-    benchmark's loops); for IN the negated form was 3x slower.
+    * statistics over the trailing axes (LayerNorm): two-pass, offset form;
+    * over the leading axes (BatchNorm): two-pass, negated form;
+    * over middle axes (InstanceNorm, GroupNorm): guarded one-pass, negated form;
+    * 16-bit inputs: two-pass, with the negated form for BatchNorm and the plain form
+      otherwise (there XLA runs the whole normalization as one kernel);
+    * ``use_fast_variance=False`` (flax's two-pass) always gets ``two_pass``;
+    * under differentiation (the linearization) ``guarded`` for every layout (``two_pass``
+      without fast variance) and the plain form: on XLA:CPU a reduction over ``x - shift``
+      with a broadcast shift is slower than one over ``x`` and ``x^2``.
 
     Output forms (``a = r * scale`` per channel where the scale folds in):
 
     * ``plain``: ``(x - mean) * a + b``;
     * ``negated``: ``(x + (-mean)) * a + b``, the same arithmetic spelled apart from the
-      two-pass variance's ``x - mean``: one shared full-size ``x - mean`` is written to
-      memory by XLA:CPU and read back by both kernels (BN: 6 passes over x instead of 4);
+      two-pass variance's ``x - mean``, so that XLA:CPU does not write one shared full-size
+      ``x - mean`` to memory and read it back in both kernels;
     * ``offset``: ``(x - head) * a + (b - tail * a)`` with ``mean = head + tail`` and ``head``
       the mean rounded to 16 bits; XLA:CPU then runs the reductions as its fast reduction
       kernels and ``y`` as a separate elementwise kernel instead of one slower fused kernel
@@ -251,17 +223,6 @@ def _plan(
       std)`` of the output where plain ``x * a - mean * a`` would lose ``eps |mean| / std``.
       Its per-channel terms are recomputed per element inside the kernel, which costs
       where the kernel would be separate anyway (BN), so it is used for LN only.
-
-    ``use_fast_variance=False`` (flax's two-pass) always gets ``two_pass``.
-
-    Under differentiation (the linearization) the statistics are ``guarded`` for every
-    layout: timed in training-step loops (fwd+bwd, float32), it beat ``shifted`` and
-    ``two_pass`` everywhere (time(flax) / time(normzoo): BN 1.65 vs 1.31 and 1.05, GN 1.82
-    vs 1.51 and 1.53, IN 0.97 vs 0.74 and 0.86, LN 0.89 vs 0.87 and 0.75), although
-    ``shifted`` reads x fewest times in the compiled HLO: on XLA:CPU a reduction over
-    ``x - shift`` with a broadcast shift runs ~3x slower than one over ``x`` and ``x^2``.
-    With LayerNorm's matrix-vector backward (module docstring) ``guarded`` still wins:
-    4.9 ms per step against 8.3 ms for ``two_pass`` (4096x1024 float32; flax 9.4 ms).
     """
     if differentiated:
         return ("guarded" if use_fast_variance else "two_pass"), "plain"
@@ -305,117 +266,7 @@ def _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, s
     return y.astype(out_dtype), mean, var, r, mean_c, r_c
 
 
-#: (kernel, x dtype) pairs that use the native CPU kernels (for x of at least
-#: ``native.MIN_SIZE["forward"]`` elements): every one beat this module's XLA forward
-#: pass, measured side by side (``python -m benchmarks --passes fwd``, 2-core
-#: CPU, time of the XLA path / time of the kernel, float32 / bfloat16): row LN 2.04 / 1.98,
-#: RMS 5.80 / 1.27; grouped BN 1.54 / 3.14, GN 2.17 / 6.02, IN 1.68 / 3.17; ``frozen``
-#: (:func:`normalize_frozen`, the ``channel_affine`` kernel) 1.05 / 1.67.
-NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
-               ("grouped", "float32"), ("grouped", "bfloat16"),
-               ("frozen", "float32"), ("frozen", "bfloat16")}
-
-
-#: Where the linearization (training steps) uses the native kernels too: the forward pass
-#: and :func:`normzoo.functional.native.linear.tangent`, whose transpose is the native
-#: backward kernel. Keys: (kernel, x dtype, variant), variant ``centered`` (LN) or
-#: ``uncentered`` (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes
-#: reduced too) for groups, ``frozen`` for given statistics (:func:`normalize_frozen`:
-#: BatchNorm at inference, 1.3-1.6 / 1.9-3.7 against the XLA autodiff, float32 /
-#: bfloat16, over four benchmark runs of 2026-12-01). Measured
-#: in training-step loops (``python -m benchmarks
-#: --passes fwd+bwd``, time of the XLA linearization / native): float32 LN 1.13-1.28, RMS
-#: 0.97-1.15 (a tie or better since the row backward takes rows in groups of 4; 0.83
-#: before), GN 1.86, IN 1.31; bfloat16 LN 2.69, RMS 1.78, BN 1.94, GN 4.17, IN 3.03. Left
-#: out: float32 BN (0.60), where XLA's backward (column reductions fused with the input's
-#: update) is faster. Only for x of at least ``native.MIN_SIZE["backward"]`` elements: on
-#: smaller arrays XLA's fused code was faster.
-NATIVE_BACKWARD_PLAN = {
-    ("row", "float32", "centered"), ("row", "bfloat16", "centered"),
-    ("row", "float32", "uncentered"), ("row", "bfloat16", "uncentered"),
-    ("grouped", "float32", "per_sample"), ("grouped", "bfloat16", "per_sample"),
-    ("grouped", "bfloat16", "whole"),
-    ("grouped", "float32", "frozen"), ("grouped", "bfloat16", "frozen"),
-}
-
-
-def _native_backward_planned(view: View, dtype) -> bool:
-    if view.kind == "row":
-        variant = "centered" if view.centered else "uncentered"
-    elif view.frozen:
-        variant = "frozen"
-    else:
-        variant = "per_sample" if view.batch > 1 else "whole"
-    return (view.kind, jnp.dtype(dtype).name, variant) in NATIVE_BACKWARD_PLAN
-
-
-def _native_view(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype):
-    """How a native CPU kernel (:mod:`normzoo.functional.native`) reads x, or None where
-    none applies; with the params' shape as the kernel's (F,) vectors see them.
-
-    ``row``: the statistics span x's trailing axes, x is a ``(R, F)`` matrix and the params
-    vary along F only (LayerNorm, RMSNorm). ``grouped``: the statistics span a contiguous
-    run of axes followed by the channel axes, x is ``(B, M, C)`` with the params per channel
-    (BatchNorm, InstanceNorm, GroupNorm with the group axis last). Only for float32 and
-    bfloat16 x and y, float32 statistics, and the pairs of :data:`NATIVE_PLAN`.
-    """
-    f32 = jnp.dtype(jnp.float32)
-    if (jnp.dtype(stat_dtype) != f32 or x.dtype not in native.SUPPORTED_DTYPES
-            or jnp.dtype(out_dtype) not in native.SUPPORTED_DTYPES or x.size == 0):
-        return None
-    shape, ndim, sums = x.shape, layout.ndim, layout.sum_axes
-    if not sums:
-        return None
-    first, stop = sums[0], sums[-1] + 1
-    if sums != tuple(range(first, stop)):
-        return None
-    params_constant_before = lambda axis: all(  # noqa: E731
-        p is None or all(p.shape[a] == 1 for a in range(axis)) for p in (scale_b, bias_b))
-    if stop == ndim and layout.group_axis is None:
-        kind, param_axis = "row", first
-    elif layout.group_axis in (None, stop) and (layout.group_axis is None or stop == ndim - 1):
-        kind, param_axis = "grouped", stop
-    else:
-        return None
-    if (kind, x.dtype.name) not in NATIVE_PLAN or not params_constant_before(param_axis):
-        return None
-    # Inside shard_map the results vary along x's mesh axes: params must not vary further.
-    if any(p is not None and not native.varying_axes(p) <= native.varying_axes(x)
-           for p in (scale_b, bias_b)):
-        return None
-    stat_shape = [1 if a in sums else size for a, size in enumerate(shape)]  # layout.mean's
-    if layout.group_axis is not None:
-        stat_shape[layout.group_axis] //= layout.k
-    view = View(kind, math.prod(shape[param_axis:]), batch=math.prod(shape[:first]),
-                group_size=layout.k, centered=centered, epsilon=float(epsilon),
-                out_dtype=jnp.dtype(out_dtype), stat_shape=tuple(stat_shape))
-    return view, (1,) * param_axis + tuple(shape[param_axis:])
-
-
-def _vector(param, fill, view, param_shape):
-    """A param broadcast to the kernel's (F,) float32 vector (``fill`` where None)."""
-    if param is None:
-        return jnp.full((view.features,), fill, jnp.float32)
-    return jnp.broadcast_to(param, param_shape).reshape(view.features).astype(jnp.float32)
-
-
-def _native_run(view, param_shape, in_place=True):
-    """``(x, scale_b, bias_b) -> (y, mean, var)`` (stat form) on the view's kernel."""
-
-    def run(x, scale_b, bias_b):
-        options = dict(epsilon=view.epsilon, centered=view.centered, out_dtype=view.out_dtype,
-                       stat_shape=view.stat_shape, in_place=in_place)
-        scale_v = _vector(scale_b, 1.0, view, param_shape)
-        bias_v = _vector(bias_b, 0.0, view, param_shape)
-        if view.kind == "row":
-            return native.row_normalize(x, scale_v, bias_v, features=view.features, **options)
-        return native.grouped_normalize(x, scale_v, bias_v, group_size=view.group_size,
-                                        batch=view.batch, channels=view.features, **options)
-
-    return run
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(3, 12)))
+@functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(3, 11)))
 def normalize_affine(
     x: Array,
     scale_b: Array | None,
@@ -428,7 +279,6 @@ def normalize_affine(
     use_fast_variance: bool,
     stat_dtype: Any,
     out_dtype: Any,
-    native_policy: tuple[int, int] | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(y, mean, var)``: x normalized by its own statistics over ``axes``, then the affine.
 
@@ -439,93 +289,38 @@ def normalize_affine(
         groups of ``C / num_groups``; each statistic then also spans a group's channels.
       centered: standardize (True) or scale by the root mean square (False; mean is 0).
       stat_dtype / out_dtype: dtype of the statistics / of y.
-      native_policy: None, or on CPU use the native kernels where they apply
-        (:func:`_native_view`, :data:`NATIVE_PLAN`, :data:`NATIVE_BACKWARD_PLAN`) for x of at
-        least ``native_policy[0]`` elements (forward) / ``native_policy[1]`` (training).
 
     Returns:
       y (S...) in ``out_dtype``; mean and var (or mean square) with the reduction axes
       removed (the group axis, if any, of size ``num_groups``).
     """
     layout = _Layout(x.shape, axes, group_axis, num_groups)
-    y, mean, var = _statistics_and_output(
-        x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
-        native_policy is not None and x.size >= native_policy[0],
-    )
+    options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
+    taken = None
+    active = backend.active()
+    if active is not None:  # an opt-in backend may run this forward pass (module docstring)
+        taken = active.normalize_affine(x, scale_b, bias_b, layout, *options)
+    if taken is None:
+        taken = _forward(x, scale_b, bias_b, layout, *options)[:3]
+    y, mean, var = taken
     return y, layout.squeeze(mean), layout.squeeze(var)
-
-
-def _statistics_and_output(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance,
-                           stat_dtype, out_dtype, use_native):
-    """``(y, mean, var)`` (stat form): on CPU from a native kernel where one applies, else XLA.
-
-    Only the undifferentiated call comes here: derivatives go through the linearization.
-    """
-
-    def with_xla(x, scale_b, bias_b):
-        y, mean, var, *_ = _forward(
-            x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance, stat_dtype,
-            out_dtype,
-        )
-        return y, mean, var
-
-    found = use_native and _native_view(
-        x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
-    if not found:
-        return with_xla(x, scale_b, bias_b)
-    return lax.platform_dependent(x, scale_b, bias_b, cpu=_native_run(*found), default=with_xla)
 
 
 @normalize_affine.defjvp
 def _normalize_affine_jvp(
     axes, group_axis, num_groups, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
-    native_policy, primals, tangents,
+    primals, tangents,
 ):
-    """The linearization: on CPU the native kernels' where they apply, else in XLA."""
-    x, scale_b, bias_b = primals
+    """The closed-form linearization (or an opt-in backend's, where it takes over)."""
+    x = primals[0]
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
-    use_native = native_policy is not None and x.size >= native_policy[1]
-    found = use_native and _native_view(
-        x, scale_b, bias_b, layout, centered, epsilon, stat_dtype, out_dtype)
-    if not found or not _native_backward_planned(found[0], x.dtype):
-        return _xla_linearization(layout, *options, primals, tangents)
-
-    def on_cpu(primals, tangents):
-        return _native_linearization(found, layout, *options, primals, tangents)
-
-    def elsewhere(primals, tangents):
-        return _xla_linearization(layout, *options, primals, tangents)
-
-    return lax.platform_dependent(primals, tangents, cpu=on_cpu, default=elsewhere)
-
-
-def _native_linearization(found, layout, centered, epsilon, use_fast_variance, stat_dtype,
-                          out_dtype, primals, tangents):
-    """The native forward and :func:`normzoo.functional.native.linear.tangent`, whose
-    transpose (reverse mode) is the native backward kernel.
-
-    The forward kernel is wrapped in a ``custom_jvp`` with the XLA forward's derivative, so
-    this linearization can itself be differentiated (second derivatives).
-    """
-    view, param_shape = found
-    x, scale_b, bias_b = primals
-    dx, dscale, dbias = tangents
-
-    def with_xla(x, scale_b, bias_b):
-        return _forward(x, scale_b, bias_b, layout, centered, epsilon, use_fast_variance,
-                        stat_dtype, out_dtype)[:3]
-
-    forward = jax.custom_jvp(_native_run(view, param_shape, in_place=False))  # x is kept
-    forward.defjvp(lambda p, t: jax.jvp(with_xla, p, t))
-    y, mean, var = forward(x, scale_b, bias_b)
-    vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
-    dy, dmean, dvar = native_tangent(
-        x, vector(scale_b, 1.0), mean, var, dx.astype(x.dtype),
-        vector(None if scale_b is None else dscale, 0.0),
-        vector(None if bias_b is None else dbias, 0.0), view=view)
-    return ((y, layout.squeeze(mean), layout.squeeze(var)),
-            (dy, layout.squeeze(dmean), layout.squeeze(dvar)))
+    active = backend.active()
+    if active is not None:
+        taken = active.linearize_affine(layout, *options, primals, tangents)
+        if taken is not None:
+            return taken
+    return _xla_linearization(layout, *options, primals, tangents)
 
 
 def _xla_linearization(layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
@@ -574,7 +369,7 @@ def _xla_linearization(layout, centered, epsilon, use_fast_variance, stat_dtype,
         def shared_xhat():
             # One full-size xhat feeds both the row sums (dvar) and the column sums
             # (dscale): XLA:CPU writes it once; spelled with c and r separately it wrote c
-            # and a broadcast r, and read both (jax.profiler, 4096x1024 float32).
+            # and a broadcast r, and read both.
             xhat = c_dy * r_c
             return (dx * k + s1 + xhat * (s2 / r_c)) * scale_b + xhat * dscale
 
@@ -621,8 +416,6 @@ def frozen_forward(x, mean_b, var_b, scale_b, bias_b, centered, epsilon, out_dty
         y = y + bias_b
     return jnp.asarray(y, out_dtype)
 
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=tuple(range(5, 10)))
 def normalize_frozen(
     x: Array,
     mean_b: Array | None,
@@ -633,101 +426,22 @@ def normalize_frozen(
     centered: bool,
     epsilon: float,
     out_dtype: Any,
-    native_policy: tuple[int, int] | None = None,
 ) -> Array:
-    """:func:`frozen_forward` (BatchNorm at inference: statistics given, not x's own), with
-    a derivative that on CPU runs the native grouped backward kernel in its ``frozen`` mode:
-    one pass that writes ``gx = (r scale) gy`` and takes the sums ``sum(gy)`` and
-    ``sum(gy (x - mean))`` for the params' gradients. Autodiff of the formula leaves those
-    column sums to XLA:CPU's reductions over the leading axes, ~3 copies of x each.
+    """:func:`frozen_forward` (BatchNorm at inference: statistics given, not x's own).
 
-    The statistics' own tangents (a gradient with respect to the running averages) fold
-    into per-channel ones, ``dy = r scale dx + (x - mean) r dscale' + dbias'`` with
-    ``dscale' = dscale - scale r^2 dvar / 2`` and ``dbias' = dbias - r scale dmean``, so the
-    one kernel serves them too.
+    Differentiated by plain autodiff, so XLA drops the sums for the parameters' gradients
+    where they are not used (frozen parameters), and every derivative order works.
 
     Args:
       x: (S...) input; ``axes`` the canonical axes the statistics were reduced over.
       mean_b, var_b: the statistics (mean None when not ``centered``: then ``var_b`` is
         the mean square), scale_b, bias_b: optional params; all shaped to broadcast against
         x (rank of x).
-      native_policy: as :func:`normalize_affine`'s (the smallest x whose forward pass /
-        derivative uses the kernels).
     """
-    found = (native_policy is not None and x.size >= native_policy[0]
-             and ("frozen", x.dtype.name) in NATIVE_PLAN
-             and _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype))
-    args = (x, mean_b, var_b, scale_b, bias_b)
-    with_xla = lambda *p: frozen_forward(*p, centered, epsilon, out_dtype)  # noqa: E731
-    if not found:
-        return with_xla(*args)
-    run = _frozen_run(*found, centered, epsilon, out_dtype, in_place=True)
-    return lax.platform_dependent(*args, cpu=run, default=with_xla)
-
-
-def _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype):
-    """The native grouped view of x with given statistics (``frozen``), with the params'
-    shape, or None where the statistics are not one per channel of a ``(1, M, C)`` view."""
-    layout = _Layout(x.shape, axes, None, None)
-    found = _native_view(x, scale_b, bias_b, layout, centered, epsilon, jnp.float32, out_dtype)
-    if not found:
-        return None
-    view, param_shape = found
-    stat_shape = (1,) * len(layout.sum_axes) + x.shape[len(layout.sum_axes):]
-    if view.kind != "grouped" or view.batch != 1 or param_shape != stat_shape:
-        return None
-    return dataclasses.replace(view, frozen=True), param_shape
-
-
-def _frozen_run(view, param_shape, centered, epsilon, out_dtype, in_place):
-    """:func:`frozen_forward` on the native ``channel_affine`` kernel (same rounding of the
-    per-channel multiplier ``rsqrt(var + eps) * scale``)."""
-
-    def run(x, mean_b, var_b, scale_b, bias_b):
-        vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
-        mul = lax.rsqrt(vector(var_b, 0.0) + epsilon) * vector(scale_b, 1.0)
-        return native.channel_affine(x, vector(mean_b if centered else None, 0.0), mul,
-                                     vector(bias_b, 0.0), out_dtype=out_dtype,
-                                     channels=view.features, in_place=in_place)
-
-    return run
-
-
-@normalize_frozen.defjvp
-def _normalize_frozen_jvp(axes, centered, epsilon, out_dtype, native_policy, primals, tangents):
-    x, mean_b, var_b, scale_b, bias_b = primals
-
-    def with_xla(primals, tangents):
-        forward = lambda *p: frozen_forward(*p, centered, epsilon, out_dtype)  # noqa: E731
-        return jax.jvp(forward, primals, tangents)
-
-    found = (native_policy is not None and x.size >= native_policy[1]
-             and _frozen_view(x, scale_b, bias_b, axes, centered, epsilon, out_dtype))
-    if not found or not _native_backward_planned(found[0], x.dtype):
-        return with_xla(primals, tangents)
-    view, param_shape = found
-
-    def on_cpu(primals, tangents):
-        x, mean_b, var_b, scale_b, bias_b = primals
-        dx, dmean, dvar, dscale, dbias = tangents
-        vector = lambda v, fill: _vector(v, fill, view, param_shape)  # noqa: E731
-        if ("frozen", x.dtype.name) in NATIVE_PLAN:  # x is kept for the backward
-            y = _frozen_run(view, param_shape, centered, epsilon, out_dtype, False)(*primals)
-        else:
-            y = frozen_forward(*primals, centered, epsilon, out_dtype)
-        var_v = vector(var_b, 0.0)
-        r = lax.rsqrt(var_v + epsilon)
-        scale_v = vector(scale_b, 1.0)
-        # The statistics' tangents as per-channel ones of the params (docstring).
-        dscale_v = vector(None if scale_b is None else dscale, 0.0)
-        dscale_v = dscale_v - scale_v * (0.5 * r * r) * vector(dvar, 0.0)
-        dbias_v = vector(None if bias_b is None else dbias, 0.0)
-        mean_v = vector(mean_b if centered else None, 0.0)
-        if centered:
-            dbias_v = dbias_v - r * scale_v * vector(dmean, 0.0)
-        stats = lambda v: v.reshape(view.stat_shape)  # noqa: E731
-        dy, _, _ = native_tangent(x, scale_v, stats(mean_v), stats(var_v), dx.astype(x.dtype),
-                                  dscale_v, dbias_v, view=view)
-        return y, dy
-
-    return lax.platform_dependent(primals, tangents, cpu=on_cpu, default=with_xla)
+    active = backend.active()
+    if active is not None:  # an opt-in backend may run this forward pass (module docstring)
+        y = active.normalize_frozen(x, mean_b, var_b, scale_b, bias_b, axes, centered, epsilon,
+                                    out_dtype)
+        if y is not None:
+            return y
+    return frozen_forward(x, mean_b, var_b, scale_b, bias_b, centered, epsilon, out_dtype)

@@ -140,7 +140,7 @@ def reduced_moments(
         mean_shifted = mean_of(x - shift)
         # Spelled differently on purpose: XLA would merge two identical ``x - shift`` and
         # write the shared result to memory; two spellings fuse into their own reductions,
-        # so x is read twice and nothing is written (measured: 2 passes instead of 4).
+        # so x is read twice and nothing full-size is written.
         second_shifted = mean_of(abs_square(x + (-shift)))
         var = jnp.maximum(0.0, second_shifted - abs_square(mean_shifted))
         return pilot + mean_shifted, var
@@ -255,10 +255,16 @@ def moments(
       ``(mean, var)``, each of shape ``S`` with ``axes`` removed.
 
     Raises:
-      TypeError: ``x`` is not floating. ValueError: bad ``axes`` or ``mask`` shape.
+      TypeError: ``x`` is not floating. ValueError: bad ``axes`` or ``mask`` shape, or
+      ``axes`` that hold no elements.
     """
     check_floating(x)
     axes = canonicalize_axes(x.ndim, axes, name="axes")
+    if x.size == 0 and any(x.shape[a] == 0 for a in axes):
+        raise ValueError(
+            f"axes={axes} of an input of shape {tuple(x.shape)} hold no elements: the mean and "
+            "variance over them are undefined"
+        )
     mask = check_mask(mask, x.shape)
     x = jnp.asarray(x).astype(statistics_dtype(x, dtype, force_float32_reductions))
     mean, var = _local_moments(x, axes, mask, use_mean, use_fast_variance)

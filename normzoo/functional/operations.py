@@ -22,6 +22,7 @@ expression. Every layer of the zoo is these two calls with different axes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -36,7 +37,7 @@ from normzoo.functional.axes import (
     check_mask,
     split_groups,
 )
-from normzoo.functional import native
+from normzoo.functional.area import Resolved
 from normzoo.functional.fused import normalize_affine, normalize_frozen
 from normzoo.functional.moments import moments, statistics_dtype
 
@@ -158,15 +159,13 @@ def apply_statistics(
     group_axis_c = None if num_groups is None else group_axis % x.ndim
     axes, _ = _grouped_axes(x.ndim, reduction_axes, group_axis_c)
     if group_axis_c is None and operation != "center" and not jnp.iscomplexobj(x):
-        # fused.normalize_frozen: the formula, on CPU on the native kernels (native.policy).
         shape = broadcast_shape(x.shape, feature_axes)
         params = [None if p is None else jnp.reshape(p, shape) for p in (scale, bias)]
         centered = operation == "standardize"
         second = stats["var"] if centered else stats["mean_square"]
         mean_b = jnp.expand_dims(stats["mean"], axes) if centered else None
         return normalize_frozen(x, mean_b, jnp.expand_dims(second, axes), *params,
-                                tuple(reduction_axes), centered, epsilon, out_dtype,
-                                native.policy())
+                                tuple(reduction_axes), centered, epsilon, out_dtype)
     y = x if group_axis_c is None else split_groups(x, num_groups, group_axis_c)
     if "mean" in stats:
         y = y - jnp.expand_dims(stats["mean"], axes)
@@ -195,49 +194,27 @@ def normalize_with_statistics(
     num_groups: int | None = None,
     group_axis: int = -1,
     mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
     dtype: Any = None,
-    force_float32_reductions: bool = True,
+    **reduction: Any,
 ) -> tuple[Array, dict[str, Array]]:
     """Normalizes ``x`` by its own statistics: :func:`statistics` then :func:`apply_statistics`.
 
-    Returns ``(y, stats)`` (stats as :func:`statistics` returns them). Without mask and
-    ``axis_name`` the work is one op with an analytic backward pass
-    (:func:`normzoo.functional.fused.normalize_affine`): same values, fewer passes.
+    ``reduction``: :func:`statistics`'s ``axis_name``, ``axis_index_groups``,
+    ``use_fast_variance``, ``force_float32_reductions``. Returns ``(y, stats)`` (stats as
+    :func:`statistics` returns them). Without mask and ``axis_name`` the work is one op with
+    an analytic backward pass (:func:`normzoo.functional.fused.normalize_affine`): same
+    values, fewer passes.
     """
     check_operation(operation)
     for name, param in (("scale", scale), ("bias", bias)):
         check_param_shape(name, param, x.shape, feature_axes)
-    general = mask is not None or axis_name is not None or operation == "center"
+    groups = dict(num_groups=num_groups, group_axis=group_axis)
+    general = mask is not None or reduction.get("axis_name") is not None or operation == "center"
     if general or jnp.iscomplexobj(x):
-        stats = statistics(
-            x,
-            reduction_axes,
-            operation,
-            num_groups=num_groups,
-            group_axis=group_axis,
-            mask=mask,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            dtype=dtype,
-            force_float32_reductions=force_float32_reductions,
-        )
-        y = apply_statistics(
-            x,
-            stats,
-            reduction_axes,
-            operation,
-            epsilon=epsilon,
-            scale=scale,
-            bias=bias,
-            feature_axes=feature_axes,
-            num_groups=num_groups,
-            group_axis=group_axis,
-            dtype=dtype,
-        )
+        stats = statistics(x, reduction_axes, operation, mask=mask, dtype=dtype, **groups,
+                           **reduction)
+        y = apply_statistics(x, stats, reduction_axes, operation, epsilon=epsilon, scale=scale,
+                             bias=bias, feature_axes=feature_axes, dtype=dtype, **groups)
         return y, stats
     # Channel groups stay in x's own layout (no (..., G, C/G) view): see fused.py.
     params = [
@@ -252,10 +229,9 @@ def normalize_with_statistics(
         num_groups,
         operation == "standardize",
         epsilon,
-        use_fast_variance,
-        statistics_dtype(x, dtype, force_float32_reductions),
+        reduction.get("use_fast_variance", True),
+        statistics_dtype(x, dtype, reduction.get("force_float32_reductions", True)),
         output_dtype(x, scale, bias, dtype),
-        native.policy(),
     )
     if operation == "scale":
         return y, {"mean_square": second}
@@ -301,67 +277,77 @@ def check_param_shape(
         )
 
 
-def _stateless(
-    operation: str,
-    x: Array,
-    axes: Axes,
-    epsilon: float,
-    mask: Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    use_fast_variance: bool = True,
-) -> Array:
-    check_floating(x)
-    axes = canonicalize_axes(jnp.ndim(x), axes, name="axes")
-    y, _ = normalize_with_statistics(
-        x,
-        axes,
-        operation,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-    )
-    return y
+# ------------------------------------------------------------------ as an engine operation
+
+#: Initial value of each kind of running statistic: a zero mean and a unit (mean-square)
+#: variance, so that inference before any training step is the identity.
+INITIAL = {"mean": 0.0, "var": 1.0, "mean_square": 1.0}
 
 
-def center(
-    x: Array,
-    axes: Axes = -1,
-    *,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-) -> Array:
-    """Centering ``y = x - E[x]`` over ``axes`` (same shape as x)."""
-    return _stateless("center", x, axes, 0.0, mask, axis_name, axis_index_groups)
+@dataclasses.dataclass(frozen=True)
+class Moments:
+    """Centering, scaling or standardization over an area, as an operation of the engine.
+
+    ``name``: ``"center"`` (``x - mu``), ``"scale"`` (``x / sqrt(E[x^2] + eps)``) or
+    ``"standardize"`` (``(x - mu) / sqrt(var + eps)``); statistics :data:`STATISTICS`.
+    The affine recovery is applied in the same fused expression.
+    """
+
+    name: str = "standardize"
+
+    def __post_init__(self):
+        check_operation(self.name)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return STATISTICS[self.name]
+
+    def init_stats(self, resolved: Resolved, dtype: Any = jnp.float32) -> dict[str, Array]:
+        return {k: jnp.full(resolved.stat_shape, INITIAL[k], dtype) for k in self.keys}
+
+    def param_shapes(self, resolved: Resolved, recovery: str) -> dict[str, tuple[int, ...]]:
+        if recovery == "coloring":
+            raise ValueError(
+                f"recovery='coloring' needs a whitening operation; operation={self.name!r} "
+                "takes recovery='affine' or 'none'"
+            )
+        shape = resolved.param_shape
+        return {} if recovery == "none" else {"scale": shape, "bias": shape}
+
+    def _axes(self, resolved: Resolved) -> tuple[int, ...]:
+        if resolved.group_axis is None:
+            return resolved.reduction_axes
+        return tuple(sorted(resolved.reduction_axes + (resolved.group_axis,)))
+
+    def _groups(self, resolved: Resolved) -> dict[str, Any]:
+        if resolved.group_axis is None:
+            return {}
+        return {"num_groups": resolved.num_groups, "group_axis": resolved.group_axis}
+
+    def normalize(self, x, resolved: Resolved, reduction, scale=None, bias=None, mask=None,
+                  recovery: str = "affine"):
+        """``(y, stats)``: x normalized by its own statistics, then the affine."""
+        return normalize_with_statistics(
+            x, self._axes(resolved), self.name, scale=scale, bias=bias,
+            feature_axes=resolved.feature_axes, mask=mask, **self._groups(resolved),
+            **reduction.kwargs(),
+        )
+
+    def statistics(self, x, resolved: Resolved, reduction, mask=None) -> dict[str, Array]:
+        """The statistics alone (what :meth:`normalize` would normalize with)."""
+        options = reduction.kwargs()
+        del options["epsilon"]
+        return statistics(x, self._axes(resolved), self.name, mask=mask,
+                          **self._groups(resolved), **options)
+
+    def normalize_given(self, x, stats, resolved: Resolved, reduction, scale=None, bias=None,
+                        recovery: str = "affine"):
+        """y from given statistics (running averages, population statistics)."""
+        return apply_statistics(
+            x, stats, self._axes(resolved), self.name, epsilon=reduction.epsilon, scale=scale,
+            bias=bias, feature_axes=resolved.feature_axes, dtype=reduction.dtype,
+            **self._groups(resolved),
+        )
 
 
-def scale(
-    x: Array,
-    axes: Axes = -1,
-    *,
-    epsilon: float = 1e-6,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-) -> Array:
-    """Scaling ``y = x / sqrt(E[x^2] + eps)`` over ``axes`` (RMSNorm without gain)."""
-    return _stateless("scale", x, axes, epsilon, mask, axis_name, axis_index_groups)
-
-
-def standardize(
-    x: Array,
-    axes: Axes = -1,
-    *,
-    epsilon: float = 1e-5,
-    use_fast_variance: bool = True,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-) -> Array:
-    """Standardization ``y = (x - E[x]) / sqrt(Var[x] + eps)`` over ``axes`` (biased variance)."""
-    return _stateless(
-        "standardize", x, axes, epsilon, mask, axis_name, axis_index_groups, use_fast_variance
-    )
+CENTER, SCALE, STANDARDIZE = Moments("center"), Moments("scale"), Moments("standardize")

@@ -1,18 +1,21 @@
-"""The named normalizers as short presets over the taxonomy: area x operation x affine.
+"""The named normalizers: each a point of the taxonomy, a few lines over the engine.
 
-=================  ========  ===========  =============================  =======================
-function           area      operation    statistics over (N, ..., C)    paper
-=================  ========  ===========  =============================  =======================
-``batch_norm``     batch     standardize  N, H, W per channel; EMA       Ioffe & Szegedy 2015
-``layer_norm``     layer     standardize  H, W, C per sample             Ba et al. 2016
-``group_norm``     group     standardize  H, W, C/G per sample, group    Wu & He 2018
-``instance_norm``  instance  standardize  H, W per sample and channel    Ulyanov et al. 2016
-``rms_norm``       layer     scale        C per sample, no centering     Zhang & Sennrich 2019
-``normalize``      any       any          by name                        Huang et al. 2023
-=================  ========  ===========  =============================  =======================
+=================  ========  ===========  ==============================  =======================
+function           area      operation    statistics over (N, ..., C)     paper
+=================  ========  ===========  ==============================  =======================
+``batch_norm``     batch     standardize  N, H, W per channel; EMA        Ioffe & Szegedy 2015
+``layer_norm``     layer     standardize  ``reduction_axes`` per sample   Ba et al. 2016
+``group_norm``     group     standardize  H, W, C/G per sample, group     Wu & He 2018
+``instance_norm``  instance  standardize  H, W per sample and channel     Ulyanov et al. 2016
+``rms_norm``       layer     scale        C per sample, no centering      Zhang & Sennrich 2019
+``whiten``         batch     whiten       N, H, W per group of features   Huang et al. 2018, 2019
+``normalize``      any       any          by name                         Huang et al. 2023
+=================  ========  ===========  ==============================  =======================
 
-Stateless functions return ``y``; those over the batch area take running statistics and
-return ``(y, new_stats)``. Axis arguments follow flax.linen's layers of the same name.
+Stateless functions return ``y``; those with running statistics take them and return
+``(y, new_stats)``. Axis arguments follow flax.linen's layers of the same name. ``**options``
+are the reduction options (:class:`~normzoo.functional.reduction.Reduction`: ``axis_name``,
+``axis_index_groups``, ``use_fast_variance``, ``dtype``, ``force_float32_reductions``).
 """
 
 from __future__ import annotations
@@ -20,252 +23,108 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from normzoo.functional.axes import (
-    Axes,
-    area_reduction_axes,
-    canonicalize_axes,
-    check_floating,
-    check_momentum,
-    complement_axes,
-    resolve_num_groups,
-)
-from normzoo.functional.operations import (
-    STATISTICS,
-    apply_statistics,
-    check_operation,
-    normalize_with_statistics,
-)
-from normzoo.functional.running import ema
+from normzoo.functional import area as areas
+from normzoo.functional.axes import Axes
+from normzoo.functional.covariance import HIGHEST
+from normzoo.functional.engine import Normalizer
+from normzoo.functional.estimators import EMA, BatchOnly, Estimator, make_estimator
+from normzoo.functional.operations import SCALE, STANDARDIZE, Moments
+from normzoo.functional.reduction import Reduction
+from normzoo.functional.whitening import Whiten
 
 Array = jax.Array
 Stats = dict[str, Array]
 
 
-def _check_stats(stats: Any, operation: str, feature_shape: tuple[int, ...]) -> None:
-    keys = STATISTICS[operation]
-    if not isinstance(stats, dict) or set(stats) != set(keys):
-        got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
-        raise ValueError(
-            f"stats has keys {got}; expected a dict with keys {list(keys)} "
-            f"(see normzoo.functional.init_batch_stats)"
-        )
-    for key in keys:
-        if tuple(jnp.shape(stats[key])) != feature_shape:
-            raise ValueError(
-                f"stats[{key!r}] has shape {tuple(jnp.shape(stats[key]))}; expected {feature_shape}, "
-                "the sizes of the feature axes"
-            )
+def _stateless(operation: str, x: Array, axes: Axes, epsilon: float, mask: Array | None,
+               **options: Any) -> Array:
+    """``operation`` over exactly ``axes``, no params, no running statistics."""
+    norm = Normalizer(areas.axes(axes, ()), Moments(operation), "none",
+                      reduction=Reduction(epsilon, **options))
+    return norm.apply(x, mask=mask)[0]
 
 
-def _batch_area(
-    x: Array,
-    stats: Stats,
-    scale: Array | None,
-    bias: Array | None,
-    *,
-    feature_axes: tuple[int, ...],
-    operation: str,
-    train: bool,
-    momentum: float,
-    epsilon: float,
-    mask: Array | None,
-    axis_name: Any,
-    axis_index_groups: Any,
-    use_fast_variance: bool,
-    dtype: Any,
-    force_float32_reductions: bool,
-) -> tuple[Array, Stats]:
-    """Batch area: statistics over every non-feature axis; EMA running statistics."""
-    if isinstance(momentum, (int, float)):
-        check_momentum(momentum)
-    reduction_axes = complement_axes(x.ndim, feature_axes)
-    _check_stats(stats, operation, tuple(x.shape[a] for a in feature_axes))
-    if not train:
-        y = apply_statistics(
-            x,
-            stats,
-            reduction_axes,
-            operation,
-            epsilon=epsilon,
-            scale=scale,
-            bias=bias,
-            feature_axes=feature_axes,
-            dtype=dtype,
-        )
-        return y, stats
-    y, batch_stats = normalize_with_statistics(
-        x,
-        reduction_axes,
-        operation,
-        epsilon=epsilon,
-        scale=scale,
-        bias=bias,
-        feature_axes=feature_axes,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
-    return y, ema(stats, batch_stats, momentum)
+def center(x: Array, axes: Axes = -1, *, mask: Array | None = None, **options: Any) -> Array:
+    """Centering ``y = x - E[x]`` over ``axes`` (same shape as x)."""
+    return _stateless("center", x, axes, 0.0, mask, **options)
+
+
+def scale(
+    x: Array, axes: Axes = -1, *, epsilon: float = 1e-6, mask: Array | None = None,
+    **options: Any,
+) -> Array:
+    """Scaling ``y = x / sqrt(E[x^2] + eps)`` over ``axes`` (RMSNorm without gain)."""
+    return _stateless("scale", x, axes, epsilon, mask, **options)
+
+
+def standardize(
+    x: Array, axes: Axes = -1, *, epsilon: float = 1e-5, mask: Array | None = None,
+    **options: Any,
+) -> Array:
+    """Standardization ``y = (x - E[x]) / sqrt(Var[x] + eps)`` over ``axes`` (biased variance)."""
+    return _stateless("standardize", x, axes, epsilon, mask, **options)
 
 
 def batch_norm(
-    x: Array,
-    stats: Stats,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    axis: Axes = -1,
-    train: bool = True,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, stats: Stats, scale: Array | None = None, bias: Array | None = None, *,
+    axis: Axes = -1, train: bool = True, momentum: float = 0.99, epsilon: float = 1e-5,
+    mask: Array | None = None, skip_nonfinite: bool = False, **options: Any,
 ) -> tuple[Array, Stats]:
     """Batch normalization (Ioffe & Szegedy, ICML 2015, arXiv 1502.03167).
 
     ``y = (x - mu_B) / sqrt(var_B + eps) * scale + bias`` with ``mu_B, var_B`` (biased) over every
-    axis but ``axis`` in training; the running averages ``stats`` at inference (``train=False``).
+    axis but ``axis`` in training; the running averages ``stats`` at inference (``train=False``),
+    updated as ``momentum * stats + (1 - momentum) * batch``.
 
     Args:
-      x: (N, ..., C) input; ``axis`` the feature axis or axes (default -1).
-      stats: running statistics ``{"mean": (C,), "var": (C,)}`` (``init_batch_stats((C,))``).
-      scale, bias: optional (C,) affine params.
-      train: use batch statistics and return updated running ones; else use ``stats``.
-      momentum: EMA decay, ``new = momentum * stats + (1 - momentum) * batch``.
+      x: (N, ..., C) input; ``axis`` the feature axis or axes.
+      stats: ``{"mean": (C,), "var": (C,)}`` (``init_batch_stats((C,))``).
+      scale, bias: optional (C,) params.
       mask: optional bool, broadcastable to x: which elements count in the statistics.
-      axis_name / axis_index_groups: also reduce over this named axis (count-weighted).
+      skip_nonfinite: keep ``stats`` when the batch's statistics are not finite.
 
     Returns:
-      ``(y, new_stats)``: y like x (dtype: ``dtype`` or the promotion of x and params);
-      ``new_stats`` is ``stats`` when ``train`` is False.
+      ``(y, new_stats)``; ``new_stats`` is ``stats`` at inference or for an empty batch.
     """
-    check_floating(x)
-    return _batch_area(
-        x,
-        stats,
-        scale,
-        bias,
-        feature_axes=canonicalize_axes(x.ndim, axis, name="axis"),
-        operation="standardize",
-        train=train,
-        momentum=momentum,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
-
-
-def _per_sample(x: Array, reduction_axes: tuple[int, ...], operation: str, **options: Any) -> Array:
-    """Stateless normalization: statistics over ``reduction_axes`` of this very input.
-
-    ``options`` are :func:`normalize_with_statistics`'s keyword arguments.
-    """
-    return normalize_with_statistics(x, reduction_axes, operation, **options)[0]
+    norm = Normalizer(areas.batch(axis), STANDARDIZE, "affine",
+                      EMA(momentum, skip_nonfinite=skip_nonfinite), Reduction(epsilon, **options))
+    return norm.apply(x, stats, scale, bias, train=train, mask=mask)
 
 
 def layer_norm(
-    x: Array,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    reduction_axes: Axes = -1,
-    feature_axes: Axes = -1,
-    epsilon: float = 1e-6,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    reduction_axes: Axes = -1, feature_axes: Axes = -1, epsilon: float = 1e-6,
+    mask: Array | None = None, **options: Any,
 ) -> Array:
     """Layer normalization (Ba, Kiros & Hinton 2016, arXiv 1607.06450).
 
     ``y = (x - mu) / sqrt(var + eps) * scale + bias``, ``mu, var`` over ``reduction_axes`` of
     each sample; ``scale, bias`` shaped like ``feature_axes`` (flax.linen.LayerNorm's axes).
     """
-    check_floating(x)
-    return _per_sample(
-        x,
-        canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes"),
-        "standardize",
-        scale=scale,
-        bias=bias,
-        feature_axes=canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
+    norm = Normalizer(areas.layer(reduction_axes, feature_axes), STANDARDIZE,
+                      reduction=Reduction(epsilon, **options))
+    return norm.apply(x, None, scale, bias, mask=mask)[0]
 
 
 def rms_norm(
-    x: Array,
-    scale: Array | None = None,
-    *,
-    reduction_axes: Axes = -1,
-    feature_axes: Axes = -1,
-    epsilon: float = 1e-6,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, scale: Array | None = None, *, reduction_axes: Axes = -1,
+    feature_axes: Axes = -1, epsilon: float = 1e-6, mask: Array | None = None, **options: Any,
 ) -> Array:
     """RMS normalization (Zhang & Sennrich, NeurIPS 2019, arXiv 1910.07467).
 
     ``y = x / sqrt(E[x^2] + eps) * scale`` over ``reduction_axes``; no centering, no bias.
-    ``use_fast_variance`` is accepted for flax compatibility (E[x^2] needs no shift).
     """
-    del use_fast_variance
-    check_floating(x)
-    return _per_sample(
-        x,
-        canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes"),
-        "scale",
-        scale=scale,
-        feature_axes=canonicalize_axes(x.ndim, feature_axes, name="feature_axes"),
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=True,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
+    norm = Normalizer(areas.layer(reduction_axes, feature_axes), SCALE,
+                      reduction=Reduction(epsilon, **options))
+    return norm.apply(x, None, scale, None, mask=mask)[0]
 
 
 def group_norm(
-    x: Array,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    num_groups: int | None = 32,
-    group_size: int | None = None,
-    reduction_axes: Axes | None = None,
-    epsilon: float = 1e-6,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    num_groups: int | None = 32, group_size: int | None = None,
+    reduction_axes: Axes | None = None, epsilon: float = 1e-6, mask: Array | None = None,
+    **options: Any,
 ) -> Array:
     """Group normalization (Wu & He, ECCV 2018, arXiv 1803.08494).
 
@@ -273,161 +132,87 @@ def group_norm(
     (default: every axis but the leading batch axis; must include the last) within each
     group. Exactly one of ``num_groups`` / ``group_size``. LN is G = 1, IN is G = C.
     """
-    check_floating(x)
-    if reduction_axes is None:
-        reduction_axes = tuple(range(1, x.ndim - 1)) + (-1,)
-    axes = canonicalize_axes(x.ndim, reduction_axes, name="reduction_axes")
-    channel_axis = x.ndim - 1
-    if channel_axis not in axes:
-        raise ValueError(
-            f"reduction_axes={reduction_axes!r} must include the last axis ({channel_axis}), "
-            "the channel axis that GroupNorm splits into groups"
-        )
-    groups = resolve_num_groups(x.shape[-1], num_groups, group_size)
-    return _per_sample(
-        x,
-        axes,
-        "standardize",
-        scale=scale,
-        bias=bias,
-        feature_axes=(channel_axis,),
-        num_groups=groups,
-        group_axis=channel_axis,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
+    norm = Normalizer(areas.group(num_groups, group_size, reduction_axes=reduction_axes),
+                      STANDARDIZE, reduction=Reduction(epsilon, **options))
+    return norm.apply(x, None, scale, bias, mask=mask)[0]
 
 
 def instance_norm(
-    x: Array,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    feature_axes: Axes = -1,
-    epsilon: float = 1e-6,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    feature_axes: Axes = -1, epsilon: float = 1e-6, mask: Array | None = None, **options: Any,
 ) -> Array:
     """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016, arXiv 1607.08022).
 
-    ``mu, var`` over every axis except the batch axis 0 and ``feature_axes``: per sample
-    and channel (the spatial axes of an image).
+    ``mu, var`` over every axis except the batch axis 0 and ``feature_axes``: per sample and
+    channel (the spatial axes of an image).
     """
-    check_floating(x)
-    features = canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
-    return _per_sample(
-        x,
-        area_reduction_axes(x.ndim, "instance", features),
-        "standardize",
-        scale=scale,
-        bias=bias,
-        feature_axes=features,
-        epsilon=epsilon,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
+    norm = Normalizer(areas.instance(feature_axes), STANDARDIZE,
+                      reduction=Reduction(epsilon, **options))
+    return norm.apply(x, None, scale, bias, mask=mask)[0]
+
+
+def whiten(
+    x: Array, stats: Stats, scale: Array | None = None, bias: Array | None = None, *,
+    method: str = "zca", axis: Axes = -1, group_size: int | None = None, iterations: int = 5,
+    train: bool = True, momentum: float = 0.99, epsilon: float = 1e-5,
+    running_average_of: str = "covariance", recovery: str = "affine", mask: Array | None = None,
+    axis_name: Any = None, axis_index_groups: Any = None, dtype: Any = None,
+    precision: Any = HIGHEST,
+) -> tuple[Array, Stats]:
+    """Batch whitening in groups (DBN, Huang et al. CVPR 2018; IterNorm, Huang et al. CVPR 2019).
+
+    ``y = recovery(Phi (x - mu))`` per group of ``group_size`` features, with ``mu`` and the
+    covariance ``Sigma`` over every axis but ``axis`` in training, the running statistics at
+    inference; ``Phi = whitening_matrix(Sigma, method)`` (:mod:`~normzoo.functional.whitening`).
+
+    Args:
+      x: (N, ..., C) input (``axis`` the feature axis or axes; all others are samples).
+      stats: ``init_whitening_stats(C, group_size, running_average_of)``.
+      scale: ``recovery="affine"``: per-feature (C...); ``"coloring"``: (C/g, g, g) matrices.
+      bias: optional per-feature bias (C...).
+      running_average_of: ``"covariance"`` (Phi recomputed at inference) or
+        ``"whitening_matrix"`` (EMA of Phi, as the DBN / IterNorm reference code).
+      mask: optional bool: which samples count (a sample counts if all its features do).
+
+    Returns:
+      ``(y, new_stats)``; ``new_stats`` is ``stats`` at inference.
+    """
+    norm = Normalizer(
+        areas.batch(axis), Whiten(method, group_size, iterations, running_average_of, precision),
+        recovery, EMA(momentum),
+        Reduction(epsilon, axis_name, axis_index_groups, dtype=dtype),
     )
+    return norm.apply(x, stats, scale, bias, train=train, mask=mask)
 
 
 def normalize(
-    x: Array,
-    stats: Stats | None = None,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    area: str,
-    operation: str = "standardize",
-    train: bool = True,
-    feature_axes: Axes = -1,
-    num_groups: int | None = None,
-    group_size: int | None = None,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+    x: Array, stats: Stats | None = None, scale: Array | None = None, bias: Array | None = None,
+    *, area: str, operation: str | Any = "standardize", train: bool = True,
+    feature_axes: Axes = -1, reduction_axes: Axes | None = None, num_groups: int | None = None,
+    group_size: int | None = None, momentum: float = 0.99, epsilon: float = 1e-5,
+    estimator: str | Estimator | None = None, mask: Array | None = None, **options: Any,
 ) -> tuple[Array, Stats | None]:
-    """Any point of the taxonomy: ``area`` x ``operation`` x affine (Huang et al. 2023).
+    """Any point of the taxonomy (Huang et al. 2023): ``area`` x ``operation`` x affine x estimator.
 
     Args:
       x: (N, ..., C) input, batch axis first.
-      stats: running statistics for ``area="batch"`` (``init_batch_stats(C, operation)``;
-        keys ``mean`` / ``mean_square`` / ``mean, var`` for center / scale / standardize);
-        must be None for the per-sample areas.
-      area: ``"batch"`` (every axis but the features), ``"layer"`` (every axis but 0),
-        ``"instance"`` (every axis but 0 and the features) or ``"group"`` (layer area within
-        groups of the single feature axis: ``num_groups`` or ``group_size``).
-      operation: ``"center"``, ``"scale"`` or ``"standardize"``.
-      scale, bias: optional params shaped like the feature axes.
+      stats: running statistics when the estimator keeps them (the batch area's default,
+        EMA: ``init_batch_stats(C, operation)``), else None.
+      area: ``"batch"``, ``"layer"``, ``"group"`` (``num_groups`` or ``group_size``),
+        ``"instance"``, ``"position"`` or ``"axes"`` (``reduction_axes``).
+      operation: ``"center"``, ``"scale"``, ``"standardize"``, or an operation object
+        (e.g. :class:`~normzoo.functional.whitening.Whiten`).
+      estimator: a name of :data:`~normzoo.functional.estimators.ESTIMATORS` or an
+        estimator; default EMA(momentum) for the batch area, batch statistics otherwise.
 
     Returns:
-      ``(y, new_stats)``; ``new_stats`` is None for per-sample areas.
+      ``(y, new_stats)``; ``new_stats`` is None without running statistics.
     """
-    check_floating(x)
-    check_operation(operation)
-    features = canonicalize_axes(x.ndim, feature_axes, name="feature_axes")
-    reduction_axes = area_reduction_axes(x.ndim, area, features)
-    common = dict(
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        force_float32_reductions=force_float32_reductions,
-    )
-    if area == "batch":
-        if stats is None:
-            raise ValueError(
-                "stats=None: area='batch' needs running statistics; pass "
-                f"init_batch_stats(feature_shape, {operation!r})"
-            )
-        return _batch_area(
-            x,
-            stats,
-            scale,
-            bias,
-            feature_axes=features,
-            operation=operation,
-            train=train,
-            momentum=momentum,
-            epsilon=epsilon,
-            **common,
-        )
-    if stats is not None:
-        raise ValueError(f"stats must be None for area={area!r}: it keeps no running statistics")
-    groups = None
-    if area == "group":
-        if len(features) != 1:
-            raise ValueError(
-                f"feature_axes={feature_axes!r}: area='group' splits exactly one channel axis"
-            )
-        groups = resolve_num_groups(x.shape[features[0]], num_groups, group_size)
-        reduction_axes = tuple(sorted(reduction_axes + features))
-    y = _per_sample(
-        x,
-        reduction_axes,
-        operation,
-        scale=scale,
-        bias=bias,
-        feature_axes=features,
-        num_groups=groups,
-        group_axis=features[0],
-        epsilon=epsilon,
-        **common,
-    )
-    return y, None
+    op = Moments(operation) if isinstance(operation, str) else operation
+    if estimator is None:
+        estimator = EMA(momentum) if area == "batch" else BatchOnly()
+    elif isinstance(estimator, str):
+        estimator = make_estimator(estimator, momentum=momentum)
+    where = areas.Area(area, feature_axes, reduction_axes, num_groups, group_size)
+    norm = Normalizer(where, op, "affine", estimator, Reduction(epsilon, **options))
+    return norm.apply(x, stats, scale, bias, train=train, mask=mask)

@@ -13,11 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from normzoo.functional.operations import STATISTICS, check_operation
-
-#: Initial value of each kind of statistic: a zero mean and a unit (mean-square) variance,
-#: so that inference before any training step is the identity.
-_INITIAL = {"mean": 0.0, "var": 1.0, "mean_square": 1.0}
+from normzoo.functional.operations import INITIAL, STATISTICS, check_operation
 
 
 def init_batch_stats(
@@ -31,7 +27,7 @@ def init_batch_stats(
     """
     check_operation(operation)
     shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-    return {key: jnp.full(shape, _INITIAL[key], dtype) for key in STATISTICS[operation]}
+    return {key: jnp.full(shape, INITIAL[key], dtype) for key in STATISTICS[operation]}
 
 
 def ema(running: Any, batch: Any, momentum: float | jax.Array) -> Any:

@@ -67,6 +67,7 @@ Cost per group: ``O(g^2 m)`` for the covariance and for applying ``Phi``, plus `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -75,13 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from normzoo.functional.axes import (
-    Axes,
-    canonicalize_axes,
-    check_floating,
-    check_mask,
-    check_momentum,
-)
+from normzoo.functional.area import Resolved
+from normzoo.functional.axes import broadcast_shape, split_groups
 from normzoo.functional.covariance import (
     HIGHEST,
     MatrixView,
@@ -91,7 +87,7 @@ from normzoo.functional.covariance import (
 )
 from normzoo.functional.moments import statistics_dtype
 from normzoo.functional.operations import output_dtype
-from normzoo.functional.running import ema
+from normzoo.functional.reduction import Reduction, check_epsilon
 
 Array = jax.Array
 Stats = dict[str, Array]
@@ -115,11 +111,6 @@ def _check_iterations(iterations: Any) -> None:
     integer = isinstance(iterations, (int, np.integer)) and not isinstance(iterations, bool)
     if not integer or iterations < 1:
         raise ValueError(f"iterations={iterations!r} must be an int >= 1 (Newton-Schulz steps)")
-
-
-def _check_epsilon(epsilon: Any) -> None:
-    if not isinstance(epsilon, (int, float, np.floating)) or not epsilon >= 0:
-        raise ValueError(f"epsilon={epsilon!r} must be a float >= 0 (added to the covariance)")
 
 
 def _symmetrize(a: Array) -> Array:
@@ -290,7 +281,7 @@ def whitening_matrix(
       including repeated eigenvalues and singular ``cov`` (custom VJP for zca / pca).
     """
     check_method(method)
-    _check_epsilon(epsilon)
+    check_epsilon(epsilon)
     _check_iterations(iterations)
     cov = jnp.asarray(cov)
     if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
@@ -325,38 +316,6 @@ def init_whitening_stats(
     return {"mean": jnp.zeros(shape, dtype), running_average_of: eye}
 
 
-def _check_stats(stats: Any, running_average_of: str, feature_shape, matrix_shape) -> None:
-    keys = ("mean", running_average_of)
-    if not isinstance(stats, dict) or set(stats) != set(keys):
-        got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
-        raise ValueError(
-            f"stats has keys {got}; expected a dict with keys {list(keys)} for "
-            f"running_average_of={running_average_of!r} (see init_whitening_stats)"
-        )
-    for key, shape in (("mean", feature_shape), (running_average_of, matrix_shape)):
-        if tuple(jnp.shape(stats[key])) != tuple(shape):
-            raise ValueError(
-                f"stats[{key!r}] has shape {tuple(jnp.shape(stats[key]))}; expected {tuple(shape)}"
-            )
-
-
-def _check_params(scale, bias, recovery, view, num_groups) -> None:
-    g = view.features // num_groups
-    if scale is not None:
-        expected = view.feature_shape if recovery == "affine" else (num_groups, g, g)
-        if tuple(jnp.shape(scale)) != tuple(expected):
-            what = "the feature sizes" if recovery == "affine" else "(groups, g, g) matrices"
-            raise ValueError(
-                f"scale has shape {tuple(jnp.shape(scale))}; expected {tuple(expected)}, "
-                f"{what} for recovery={recovery!r}"
-            )
-    if bias is not None and tuple(jnp.shape(bias)) != view.feature_shape:
-        raise ValueError(
-            f"bias has shape {tuple(jnp.shape(bias))}; expected {view.feature_shape}, "
-            "the feature sizes"
-        )
-
-
 def _recover(y, scale, bias, recovery, view, num_groups, precision):
     """Affine (per feature) or coloring (full matrix per group) on the matrix view (m, C)."""
     if scale is not None:
@@ -372,111 +331,153 @@ def _recover(y, scale, bias, recovery, view, num_groups, precision):
     return y
 
 
-def whiten(
-    x: Array,
-    stats: Stats,
-    scale: Array | None = None,
-    bias: Array | None = None,
-    *,
-    method: str = "zca",
-    axis: Axes = -1,
-    group_size: int | None = None,
-    iterations: int = 5,
-    train: bool = True,
-    momentum: float = 0.99,
-    epsilon: float = 1e-5,
-    running_average_of: str = "covariance",
-    recovery: str = "affine",
-    mask: Array | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    dtype: Any = None,
-    precision: Any = HIGHEST,
-) -> tuple[Array, Stats]:
-    """Batch whitening in groups (DBN, Huang et al. CVPR 2018; IterNorm, Huang et al. CVPR 2019).
+@dataclasses.dataclass(frozen=True)
+class Whiten:
+    """Whitening as an operation of the engine: ``y = Phi (x - mu)`` per group of features.
 
-    ``y = recovery(Phi (x - mu))`` per group of ``group_size`` features, with ``mu`` and the
-    covariance ``Sigma`` over every axis but ``axis`` (the batch area) in training, and the
-    running statistics at inference (``train=False``); ``Phi = whitening_matrix(Sigma, method)``.
+    The covariance spans the area's reduction axes; the *decorrelated features* are the
+    area's feature axes, or the ``G`` channel groups of a group area (group whitening, Huang
+    et al. CVPR 2021: each sample's channels reshaped to ``G`` rows of ``C / G``); the axes
+    neither reduced nor decorrelated (the sample axis of a per-sample area) get matrices of
+    their own. ``group_size`` splits the decorrelated features into diagonal blocks (DBN).
 
-    Args:
-      x: (N, ..., C) input (``axis`` the feature axis or axes; all others are samples).
-      stats: running statistics from :func:`init_whitening_stats`: ``{"mean": (C...),
-        running_average_of: (C/g, g, g)}``, float32.
-      scale: ``recovery="affine"``: per-feature scale (C...); ``"coloring"``: a full matrix per
-        group (C/g, g, g) applied as ``y_group = scale[k] @ y_group`` (Siarohin et al. 2019).
-      bias: optional per-feature bias (C...).
-      method: ``"zca"`` (default), ``"pca"``, ``"cholesky"`` or ``"newton"``.
-      group_size: features per group; ``None`` = all features in one group.
-      iterations: Newton-Schulz steps for ``method="newton"``.
-      train: batch statistics and updated running ones; else the running ones.
-      momentum: EMA decay, ``new = momentum * stats + (1 - momentum) * batch`` (Flax).
-      epsilon: added to the covariance's diagonal.
-      running_average_of: ``"covariance"`` (EMA of Sigma; Phi recomputed at inference) or
-        ``"whitening_matrix"`` (EMA of Phi, as the DBN / IterNorm reference code).
-      recovery: ``"affine"`` or ``"coloring"``.
-      mask: optional bool, broadcastable to x: which samples count in the statistics (a
-        sample counts if its mask holds for all its features).
-      axis_name, axis_index_groups: statistics also over this named axis, count-weighted.
-      dtype: output dtype (default: promotion of x and params, as flax.linen).
-      precision: of the matrix products (default ``HIGHEST``).
-
-    Returns:
-      ``(y, new_stats)``: y like x; ``new_stats`` is ``stats`` when ``train`` is False.
-
-    Raises:
-      ValueError naming the argument: unknown ``method`` / ``running_average_of`` /
-      ``recovery``, a ``group_size`` that does not divide the features, an input without a
-      batch (sample) axis, bad ``stats`` / ``scale`` / ``bias`` / ``mask`` shapes.
+    Attributes:
+      method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"`` (:func:`whitening_matrix`).
+      group_size: features per decorrelated block (None: one block of all).
+      iterations: Newton-Schulz steps for ``"newton"``.
+      running_average_of: ``"covariance"`` or ``"whitening_matrix"`` (module docstring).
+      precision: of the matrix products.
     """
-    check_floating(x)
-    if jnp.iscomplexobj(x):
-        raise TypeError(f"x has dtype {jnp.result_type(x)}; whitening supports real inputs only")
-    check_method(method)
-    _check_choice(running_average_of, "running_average_of", RUNNING_AVERAGES)
-    _check_choice(recovery, "recovery", RECOVERIES)
-    _check_iterations(iterations)
-    _check_epsilon(epsilon)
-    if isinstance(momentum, (int, float)):
-        check_momentum(momentum)
-    feature_axes = canonicalize_axes(x.ndim, axis, name="axis")
-    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    if not reduction_axes:
-        raise ValueError(
-            f"x has shape {tuple(x.shape)} and axis={axis!r} covers every axis: batch whitening "
-            "needs a batch (sample) axis besides the features, e.g. x of shape (N, C)"
-        )
-    view = MatrixView(x.shape, reduction_axes, feature_axes)
-    num_groups = check_group_size(view.features, group_size)
-    g = view.features // num_groups
-    _check_stats(stats, running_average_of, view.feature_shape, (num_groups, g, g))
-    _check_params(scale, bias, recovery, view, num_groups)
-    mask = check_mask(mask, x.shape)
-    out_dtype = output_dtype(x, scale, bias, dtype)
-    xm = view.to_matrix(jnp.asarray(x).astype(statistics_dtype(x)))  # (m, C), float32+
 
-    if train:
-        count, mean, m2 = local_covariance(xm, view.sample_mask(mask), num_groups, precision)
-        if axis_name is not None:
-            count, mean, m2 = combine_covariance_across_devices(
-                count, mean, m2, axis_name, axis_index_groups
+    method: str = "zca"
+    group_size: int | None = None
+    iterations: int = 5
+    running_average_of: str = "covariance"
+    precision: Any = HIGHEST
+
+    def __post_init__(self):
+        check_method(self.method)
+        _check_iterations(self.iterations)
+        _check_choice(self.running_average_of, "running_average_of", RUNNING_AVERAGES)
+
+    @property
+    def name(self) -> str:
+        return "whiten"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("mean", self.running_average_of)
+
+    def _view(self, resolved: Resolved) -> tuple[MatrixView, int]:
+        """The matrix view (of the group split, for a group area) and the number of blocks."""
+        shape, red, feat = resolved.shape, resolved.reduction_axes, resolved.feature_axes
+        if resolved.group_axis is not None:
+            a = resolved.group_axis
+            shape = split_groups(np.empty(shape, np.bool_), resolved.num_groups, a).shape
+            red = tuple(sorted([r if r < a else r + 1 for r in red] + [a + 1]))
+            feat = (a,)
+        if not red:
+            name, value = resolved.feature_spec
+            raise ValueError(
+                f"x has shape {resolved.shape} and {name}={value!r} covers every axis: "
+                "whitening needs a batch (sample) axis besides the features, e.g. x of shape (N, C)"
             )
-        cov = m2 / count
-        phi = whitening_matrix(cov, method, epsilon=epsilon, iterations=iterations)
-        batch = {"mean": jnp.reshape(mean, view.feature_shape)}
-        batch[running_average_of] = cov if running_average_of == "covariance" else phi
-        new_stats = ema(stats, jax.lax.stop_gradient(batch), momentum)
-    else:
-        mean = jnp.reshape(stats["mean"], (-1,)).astype(xm.dtype)
-        running = jnp.asarray(stats[running_average_of]).astype(xm.dtype)
-        if running_average_of == "covariance":
-            phi = whitening_matrix(running, method, epsilon=epsilon, iterations=iterations)
-        else:
-            phi = running
-        new_stats = stats
+        view = MatrixView(shape, red, feat)
+        return view, check_group_size(view.features, self.group_size)
 
-    xc = (xm - mean).reshape(xm.shape[:-1] + (num_groups, g))
-    y = jnp.einsum("...gj,gij->...gi", xc, phi, precision=precision)
-    y = y.reshape(xm.shape)
-    y = _recover(y, scale, bias, recovery, view, num_groups, precision)
-    return view.from_matrix(y.astype(out_dtype)), new_stats
+    def init_stats(self, resolved: Resolved, dtype: Any = jnp.float32) -> Stats:
+        view, blocks = self._view(resolved)
+        return init_whitening_stats(
+            view.feature_shape, None if blocks == 1 else view.features // blocks,
+            self.running_average_of, dtype,
+        )
+
+    def param_shapes(self, resolved: Resolved, recovery: str) -> dict[str, tuple[int, ...]]:
+        _check_choice(recovery, "recovery", RECOVERIES + ("none",))
+        if recovery == "none":
+            return {}
+        if recovery == "affine":
+            return {"scale": resolved.param_shape, "bias": resolved.param_shape}
+        view, blocks = self._view(resolved)
+        if resolved.group_axis is not None or view.kept_axes:
+            raise ValueError(
+                "recovery='coloring' needs the batch area (one set of whitened features); "
+                "use recovery='affine' for per-sample areas"
+            )
+        g = view.features // blocks
+        return {"scale": (blocks, g, g), "bias": resolved.param_shape}
+
+    def _split(self, a: Array | None, resolved: Resolved) -> Array | None:
+        if a is None or resolved.group_axis is None:
+            return a
+        return split_groups(a, resolved.num_groups, resolved.group_axis)
+
+    def _moments(self, x, resolved, reduction: Reduction, mask):
+        view, blocks = self._view(resolved)
+        if mask is not None:
+            mask = self._split(jnp.broadcast_to(mask, x.shape), resolved)
+        xm = view.to_matrix(self._split(x, resolved).astype(statistics_dtype(x)))  # (K..., m, C)
+        count, mean, m2 = local_covariance(xm, view.sample_mask(mask), blocks, self.precision)
+        if reduction.axis_name is not None:
+            count, mean, m2 = combine_covariance_across_devices(
+                count, mean, m2, reduction.axis_name, reduction.axis_index_groups
+            )
+        cov = m2 / (count if not view.kept_axes else count[..., None, None, None])
+        return view, blocks, xm, mean, cov
+
+    def statistics(self, x, resolved: Resolved, reduction: Reduction, mask=None) -> Stats:
+        view, _, _, mean, cov = self._moments(x, resolved, reduction, mask)
+        batch = {"mean": jnp.reshape(mean, view.kept_shape + view.feature_shape)}
+        if self.running_average_of == "covariance":
+            batch["covariance"] = cov
+        else:
+            batch["whitening_matrix"] = self._matrix(cov, reduction)
+        return batch
+
+    def _matrix(self, cov: Array, reduction: Reduction) -> Array:
+        return whitening_matrix(cov, self.method, epsilon=reduction.epsilon,
+                                iterations=self.iterations)
+
+    def normalize(self, x, resolved, reduction: Reduction, scale=None, bias=None, mask=None,
+                  recovery: str = "affine"):
+        view, blocks, xm, mean, cov = self._moments(x, resolved, reduction, mask)
+        phi = self._matrix(cov, reduction)
+        batch = {"mean": jnp.reshape(mean, view.kept_shape + view.feature_shape)}
+        batch[self.running_average_of] = cov if self.running_average_of == "covariance" else phi
+        y = self._transform(x, xm, mean, phi, view, blocks, resolved, reduction, scale, bias,
+                            recovery)
+        return y, jax.lax.stop_gradient(batch)
+
+    def normalize_given(self, x, stats, resolved, reduction: Reduction, scale=None, bias=None,
+                        recovery: str = "affine"):
+        view, blocks = self._view(resolved)
+        xm = view.to_matrix(self._split(x, resolved).astype(statistics_dtype(x)))
+        mean = jnp.reshape(stats["mean"], (-1,)).astype(xm.dtype)
+        running = jnp.asarray(stats[self.running_average_of]).astype(xm.dtype)
+        phi = running
+        if self.running_average_of == "covariance":
+            phi = self._matrix(running, reduction)
+        return self._transform(x, xm, mean, phi, view, blocks, resolved, reduction, scale, bias,
+                               recovery)
+
+    def _transform(self, x, xm, mean, phi, view, blocks, resolved, reduction, scale, bias,
+                   recovery):
+        """``recovery(Phi (x - mu))`` back in x's layout."""
+        out_dtype = output_dtype(x, scale, bias, reduction.dtype)
+        g = view.features // blocks
+        xc = (xm - mean[..., None, :]).reshape(xm.shape[:-1] + (blocks, g))
+        if view.kept_axes:
+            y = jnp.einsum("...mgj,...gij->...mgi", xc, phi, precision=self.precision)
+        else:
+            y = jnp.einsum("...gj,gij->...gi", xc, phi, precision=self.precision)
+        y = y.reshape(xm.shape)
+        if resolved.group_axis is None and not view.kept_axes:
+            y = _recover(y, scale, bias, recovery, view, blocks, self.precision)
+            return view.from_matrix(y.astype(out_dtype))
+        y = jnp.reshape(view.from_matrix(y), x.shape)
+        shape = broadcast_shape(x.shape, resolved.feature_axes)
+        if scale is not None:
+            y = y * jnp.reshape(scale, shape)
+        if bias is not None:
+            y = y + jnp.reshape(bias, shape)
+        return y.astype(out_dtype)

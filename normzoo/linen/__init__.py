@@ -1,20 +1,9 @@
-"""normzoo.linen: Flax linen layers over :mod:`normzoo.functional`."""
+"""normzoo.linen: Flax linen layers, each its fields and a Normalizer (:mod:`normzoo.linen.base`)."""
 
+from normzoo.linen.base import Normalization, Stateless, WithRunningAverage
 from normzoo.linen.standard import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo.linen.taxonomy import Centering, Scaling, Standardization
-
-__all__ = [
-    "BatchNorm",
-    "Centering",
-    "GroupNorm",
-    "InstanceNorm",
-    "LayerNorm",
-    "RMSNorm",
-    "Scaling",
-    "Standardization",
-]
-
-from normzoo.linen.whitening import (  # noqa: E402
+from normzoo.linen.whitening import (
     CholeskyWhitening,
     DecorrelatedBatchNorm,
     IterNorm,
@@ -23,11 +12,22 @@ from normzoo.linen.whitening import (  # noqa: E402
     ZCAWhitening,
 )
 
-__all__ += [
+__all__ = [
+    "BatchNorm",
+    "Centering",
     "CholeskyWhitening",
     "DecorrelatedBatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
     "IterNorm",
+    "LayerNorm",
+    "Normalization",
     "PCAWhitening",
+    "RMSNorm",
+    "Scaling",
+    "Standardization",
+    "Stateless",
     "Whitening",
+    "WithRunningAverage",
     "ZCAWhitening",
 ]

@@ -10,28 +10,27 @@ import and checkpoints still load. Where flax is wrong normzoo differs on purpos
   or uneven shards (flax averages per-device means);
 * bad axes, groups, masks or dtypes raise a ValueError / TypeError naming the argument.
 
-Each ``__call__`` declares variables and calls :mod:`normzoo.functional`.
+Each layer is its fields and a ``normalizer`` of a few lines (:mod:`normzoo.linen.base`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from flax.linen.module import merge_param
 from jax.nn import initializers
 
-from normzoo import functional as F
-from normzoo.functional.axes import Axes, canonicalize_axes, check_floating, feature_shape
-from normzoo.linen.common import affine_params, running_statistics, stats_dtype
+from normzoo.functional import area
+from normzoo.functional.axes import Axes
+from normzoo.functional.engine import Normalizer
+from normzoo.functional.estimators import EMA
+from normzoo.functional.operations import SCALE, STANDARDIZE
+from normzoo.linen.base import Stateless, WithRunningAverage
 
-Array = jax.Array
 Initializer = Any
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(WithRunningAverage):
     """Batch normalization (Ioffe & Szegedy 2015), drop-in for ``flax.linen.BatchNorm``.
 
     ``y = (x - mu) / sqrt(var + epsilon) * scale + bias``; ``mu, var`` over every axis but
@@ -69,69 +68,12 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects what counts."""
-        use_running_average = merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        check_floating(x)
-        features = canonicalize_axes(x.ndim, self.axis, name="axis")
-        shape = feature_shape(x.shape, features)
-        running = running_statistics(
-            self, shape, "standardize", stats_dtype(self.force_float32_reductions, self.param_dtype)
-        )
-        scale, bias = _affine(self, shape)
-        initializing = self.is_initializing()
-        y, new_stats = F.batch_norm(
-            x,
-            {key: var.value for key, var in running.items()},
-            scale,
-            bias,
-            axis=features,
-            train=not use_running_average,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            use_fast_variance=self.use_fast_variance,
-            dtype=self.dtype,
-            force_float32_reductions=self.force_float32_reductions,
-        )
-        if not use_running_average and not initializing:
-            for key, var in running.items():
-                var.value = new_stats[key]
-        return y
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(area.batch(self.axis), STANDARDIZE, "affine", EMA(self.momentum),
+                          self.reduction())
 
 
-def _affine(module: nn.Module, shape) -> tuple[Array | None, Array | None]:
-    return affine_params(
-        module,
-        shape,
-        use_scale=module.use_scale,
-        use_bias=getattr(module, "use_bias", False),
-        scale_init=module.scale_init,
-        bias_init=getattr(module, "bias_init", initializers.zeros),
-        param_dtype=module.param_dtype,
-        force_float32_reductions=module.force_float32_reductions,
-    )
-
-
-def _common(module: nn.Module) -> dict[str, Any]:
-    return dict(
-        epsilon=module.epsilon,
-        axis_name=module.axis_name,
-        axis_index_groups=module.axis_index_groups,
-        use_fast_variance=module.use_fast_variance,
-        dtype=module.dtype,
-        force_float32_reductions=module.force_float32_reductions,
-    )
-
-
-class LayerNorm(nn.Module):
+class LayerNorm(Stateless):
     """Layer normalization (Ba et al. 2016), drop-in for ``flax.linen.LayerNorm``.
 
     ``y = (x - mu) / sqrt(var + epsilon) * scale + bias``, ``mu, var`` over ``reduction_axes``
@@ -152,24 +94,12 @@ class LayerNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        check_floating(x)
-        features = canonicalize_axes(x.ndim, self.feature_axes, name="feature_axes")
-        canonicalize_axes(x.ndim, self.reduction_axes, name="reduction_axes")
-        scale, bias = _affine(self, feature_shape(x.shape, features))
-        return F.layer_norm(
-            x,
-            scale,
-            bias,
-            reduction_axes=self.reduction_axes,
-            feature_axes=features,
-            mask=mask,
-            **_common(self),
-        )
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(area.layer(self.reduction_axes, self.feature_axes), STANDARDIZE,
+                          reduction=self.reduction())
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Stateless):
     """RMS normalization (Zhang & Sennrich 2019), drop-in for ``flax.linen.RMSNorm``.
 
     ``y = x / sqrt(E[x^2] + epsilon) * scale`` over ``reduction_axes``. Variables: ``scale``.
@@ -187,23 +117,12 @@ class RMSNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        check_floating(x)
-        features = canonicalize_axes(x.ndim, self.feature_axes, name="feature_axes")
-        canonicalize_axes(x.ndim, self.reduction_axes, name="reduction_axes")
-        scale, _ = _affine(self, feature_shape(x.shape, features))
-        return F.rms_norm(
-            x,
-            scale,
-            reduction_axes=self.reduction_axes,
-            feature_axes=features,
-            mask=mask,
-            **_common(self),
-        )
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(area.layer(self.reduction_axes, self.feature_axes), SCALE,
+                          reduction=self.reduction())
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(Stateless):
     """Group normalization (Wu & He 2018), drop-in for ``flax.linen.GroupNorm``.
 
     The last axis (C channels) is split into groups (``num_groups`` or ``group_size``, exactly
@@ -226,24 +145,13 @@ class GroupNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        check_floating(x)
-        F.resolve_num_groups(x.shape[-1], self.num_groups, self.group_size)
-        scale, bias = _affine(self, (x.shape[-1],))
-        return F.group_norm(
-            x,
-            scale,
-            bias,
-            num_groups=self.num_groups,
-            group_size=self.group_size,
-            reduction_axes=self.reduction_axes,
-            mask=mask,
-            **_common(self),
-        )
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(
+            area.group(self.num_groups, self.group_size, reduction_axes=self.reduction_axes),
+            STANDARDIZE, reduction=self.reduction())
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(Stateless):
     """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.linen.InstanceNorm``.
 
     ``mu, var`` over every axis except the batch axis 0 and ``feature_axes`` (per sample and
@@ -263,14 +171,6 @@ class InstanceNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
-    @nn.compact
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        check_floating(x)
-        features = canonicalize_axes(x.ndim, self.feature_axes, name="feature_axes")
-        if 0 in features:
-            raise ValueError(
-                f"feature_axes={self.feature_axes!r} contains the batch axis 0: InstanceNorm keeps "
-                "axis 0 as the batch"
-            )
-        scale, bias = _affine(self, feature_shape(x.shape, features))
-        return F.instance_norm(x, scale, bias, feature_axes=features, mask=mask, **_common(self))
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(area.instance(self.feature_axes), STANDARDIZE,
+                          reduction=self.reduction())

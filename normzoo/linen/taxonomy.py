@@ -10,35 +10,30 @@
   GroupNorm, ``"instance"`` InstanceNorm.
 
 Areas for ``x`` of shape (N, ..., C) with ``feature_axes`` C: ``batch`` reduces every axis but C
-and keeps running statistics (EMA) in ``batch_stats`` for inference; ``layer`` every axis but N;
-``instance`` every axis but N and C; ``group`` like ``layer`` within groups of channels.
+and keeps running statistics in ``batch_stats`` for inference (``estimator``: ``"ema"``, as
+Flax, ``"debiased_ema"``, ``"cumulative"`` or ``"population"``); ``layer`` every axis but N;
+``instance`` every axis but N and C; ``group`` like ``layer`` within groups of channels;
+``position`` the channels at each position.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from flax.linen.module import merge_param
 from jax.nn import initializers
 
-from normzoo import functional as F
-from normzoo.functional.axes import (
-    Axes,
-    canonicalize_axes,
-    check_area,
-    check_floating,
-    feature_shape,
-)
-from normzoo.linen.common import affine_params, running_statistics, stats_dtype
+from normzoo.functional.area import Area
+from normzoo.functional.axes import Axes
+from normzoo.functional.engine import Normalizer
+from normzoo.functional.estimators import BatchOnly, make_estimator
+from normzoo.functional.operations import Moments
+from normzoo.linen.base import WithRunningAverage
 
-Array = jax.Array
 Initializer = Any
 
 
-class _AreaNormalization(nn.Module):
+class _AreaNormalization(WithRunningAverage):
     """Shared body of the taxonomy layers; subclasses fix ``operation`` and the defaults."""
 
     operation: ClassVar[str] = "standardize"
@@ -60,64 +55,17 @@ class _AreaNormalization(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    estimator: str = "ema"
+    skip_nonfinite: bool = False
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x`` (N, ..., C). ``use_running_average`` matters for ``area="batch"`` only."""
-        check_area(self.area)
-        check_floating(x)
-        features = canonicalize_axes(x.ndim, self.feature_axes, name="feature_axes")
-        shape = feature_shape(x.shape, features)
-        batch_area = self.area == "batch"
-        running = {}
-        train = True
-        if batch_area:
-            train = not merge_param(
-                "use_running_average", self.use_running_average, use_running_average
-            )
-            running = running_statistics(
-                self,
-                shape,
-                self.operation,
-                stats_dtype(self.force_float32_reductions, self.param_dtype),
-            )
-        scale, bias = affine_params(
-            self,
-            shape,
-            use_scale=self.use_scale,
-            use_bias=self.use_bias,
-            scale_init=self.scale_init,
-            bias_init=self.bias_init,
-            param_dtype=self.param_dtype,
-            force_float32_reductions=self.force_float32_reductions,
-        )
-        initializing = self.is_initializing()
-        y, new_stats = F.normalize(
-            x,
-            {key: var.value for key, var in running.items()} if batch_area else None,
-            scale,
-            bias,
-            area=self.area,
-            operation=self.operation,
-            train=train,
-            feature_axes=features,
-            num_groups=self.num_groups,
-            group_size=self.group_size,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=None if (initializing and batch_area) else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            use_fast_variance=self.use_fast_variance,
-            dtype=self.dtype,
-            force_float32_reductions=self.force_float32_reductions,
-        )
-        if batch_area and train and not initializing:
-            for key, var in running.items():
-                var.value = new_stats[key]
-        return y
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        """``use_running_average`` and the estimator matter for ``area="batch"`` only."""
+        estimator = BatchOnly()
+        if self.area == "batch":
+            estimator = make_estimator(
+                self.estimator, momentum=self.momentum, skip_nonfinite=self.skip_nonfinite)
+        where = Area(self.area, self.feature_axes, None, self.num_groups, self.group_size)
+        return Normalizer(where, Moments(self.operation), "affine", estimator, self.reduction())
 
 
 class Centering(_AreaNormalization):

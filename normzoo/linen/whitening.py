@@ -21,27 +21,21 @@ the whitening matrix (see :mod:`normzoo.functional.whitening` for the two school
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-from flax.linen.module import merge_param
 from jax.nn import initializers
 
-from normzoo import functional as F
-from normzoo.functional.axes import Axes, canonicalize_axes, check_floating, feature_shape
-from normzoo.functional.covariance import HIGHEST, check_group_size
-from normzoo.functional.whitening import RECOVERIES, RUNNING_AVERAGES, check_method
+from normzoo.functional import area
+from normzoo.functional.axes import Axes
+from normzoo.functional.covariance import HIGHEST
+from normzoo.functional.engine import Normalizer
+from normzoo.functional.estimators import EMA
+from normzoo.functional.reduction import Reduction
+from normzoo.functional.whitening import Whiten
+from normzoo.linen.base import WithRunningAverage, identity_init
 
-Array = jax.Array
 Initializer = Any
-
-
-def identity_init(key: Any, shape: Any, dtype: Any = jnp.float32) -> Array:
-    """Identity matrices of ``shape`` (..., g, g): the coloring matrices' initial value."""
-    del key
-    return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), tuple(shape))
 
 
 def adapt_group_size(features: int, group_size: int | None) -> int | None:
@@ -57,7 +51,7 @@ def adapt_group_size(features: int, group_size: int | None) -> int | None:
     return group_size
 
 
-class Whitening(nn.Module):
+class Whitening(WithRunningAverage):
     """Batch whitening in groups: ``y = recovery(Phi (x - mu))``, ``Cov[Phi (x - mu)] = I``.
 
     ``mu`` and the covariance ``Sigma`` span every axis but ``axis`` (the batch area), per group
@@ -113,74 +107,20 @@ class Whitening(nn.Module):
     coloring_init: Initializer = identity_init
     precision: Any = HIGHEST
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Whitens ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects the samples."""
-        use_running_average = merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        check_floating(x)
-        check_method(self.method)
-        for name, value, choices in (
-            ("recovery", self.recovery, RECOVERIES),
-            ("running_average_of", self.running_average_of, RUNNING_AVERAGES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is unknown; expected one of {choices}")
-        features = canonicalize_axes(x.ndim, self.axis, name="axis")
-        shape = feature_shape(x.shape, features)
-        channels = 1
-        for n in shape:
-            channels *= n
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
         group_size = self.group_size
         if self.adapt_group_size:
-            group_size = adapt_group_size(channels, group_size)
-        num_groups = check_group_size(channels, group_size)
-        g = channels // num_groups
-
-        init = F.init_whitening_stats(shape, group_size, self.running_average_of)
-        running = {
-            key: self.variable("batch_stats", key, lambda k=key: init[k])
-            for key in ("mean", self.running_average_of)
-        }
-        scale = bias = None
-        if self.use_scale:
-            if self.recovery == "affine":
-                scale = self.param("scale", self.scale_init, shape, self.param_dtype)
-            else:
-                scale = self.param(
-                    "coloring", self.coloring_init, (num_groups, g, g), self.param_dtype
-                )
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
-
-        initializing = self.is_initializing()
-        y, new_stats = F.whiten(
-            x,
-            {key: var.value for key, var in running.items()},
-            scale,
-            bias,
-            method=self.method,
-            axis=features,
-            group_size=group_size,
-            iterations=self.iterations,
-            train=not use_running_average,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            running_average_of=self.running_average_of,
-            recovery=self.recovery,
-            mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
-            precision=self.precision,
+            features = 1
+            for n in area.batch(self.axis).resolve(shape).param_shape:
+                features *= n
+            group_size = adapt_group_size(features, group_size)
+        return Normalizer(
+            area.batch(self.axis),
+            Whiten(self.method, group_size, self.iterations, self.running_average_of,
+                   self.precision),
+            self.recovery, EMA(self.momentum),
+            Reduction(self.epsilon, self.axis_name, self.axis_index_groups, dtype=self.dtype),
         )
-        if not use_running_average and not initializing:
-            for key, var in running.items():
-                var.value = new_stats[key]
-        return y
 
 
 class ZCAWhitening(Whitening):

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import cli, layers, report, whitening
+from benchmarks import backend, cli, layers, report, training, whitening
 from benchmarks.harness import GroupResult, per_iteration, time_group
 
 TINY = dict(repeats=2, target_s=1e-4, min_iters=2)
@@ -37,7 +37,7 @@ def test_layer_groups_have_every_implementation_and_a_copy(layer_results):
     keys = [(r.meta["variant"], r.meta["pass"], r.meta["dtype"]) for r in layer_results]
     assert keys == [("ln", "fwd", "bfloat16"),
                     ("bn-train", "fwd+bwd", "float32"), ("bn-eval", "fwd+bwd", "float32")]
-    assert set(layer_results[0].impls) == {"normzoo", "normzoo_xla", "flax_fast", "flax_2pass",
+    assert set(layer_results[0].impls) == {*backend.columns(), "flax_fast", "flax_2pass",
                                            "jnp", "copy", "copy_twin"}
     assert layer_results[0].controls == ("copy_twin",)
     assert layer_results[0].control_ratio() > 0
@@ -111,7 +111,7 @@ def test_whitening_notes_a_failing_signature(monkeypatch):
 def test_reports(layer_results, whitening_results):
     results = layer_results + whitening_results[0]
     text = report.markdown(results, ["a note"])
-    for heading in ("### Layers", "### Per implementation", "### Whitening", "### Issue 5 targets",
+    for heading in ("### Layers", "### Per implementation", "### Whitening", "### Layer-row targets",
                     "- a note"):
         assert heading in text
     assert text.count("| LayerNorm | fwd |") == 1 + 6  # timing table, a cost row per impl
@@ -125,7 +125,8 @@ def test_reports(layer_results, whitening_results):
     group = payload["groups"][0]
     assert set(group["impls"]["normzoo"]) >= {"median_s", "times_s", "iters", "compile_s",
                                              "temp_bytes", "check_rel"}
-    assert set(group["ratios_vs_reference"]) == {"normzoo_xla", "flax_fast", "flax_2pass", "jnp"}
+    assert set(group["ratios_vs_reference"]) == {*backend.columns(), "flax_fast", "flax_2pass",
+                                                 "jnp"} - {"normzoo"}
     assert np.isfinite(group["copy_fraction"]["normzoo"])
     md = report.results_markdown(results, meta, [], {"repeats": 2})
     assert "python -m benchmarks --quick" in md and meta["jax"] in md
@@ -147,7 +148,8 @@ def test_ties_are_judged_against_the_runs_identical_program_spread(layer_results
 
 def test_cli_end_to_end(tmp_path, capsys):
     out_json, out_md = tmp_path / "r.json", tmp_path / "R.md"
-    code = cli.main(["--quick", "--layers", "rms", "--passes", "fwd", "--dtype", "float32",
+    code = cli.main(["--quick", "--rows", "layers", "--layers", "rms", "--passes", "fwd",
+                     "--dtype", "float32",
                      "--repeats", "1", "--target-ms", "0.1", "--json", str(out_json),
                      "--write-results", str(out_md)])
     assert code == 0
@@ -264,3 +266,134 @@ def test_floors_run_only_where_they_explain_a_row():
     assert not cli.wants_floors(cli.parser().parse_args(["--no-floors"]), ["float32"])
     assert not cli.wants_floors(cli.parser().parse_args(["--layers", "gn,in"]), ["float32"])
     assert not cli.wants_floors(cli.parser().parse_args(["--passes", "fwd+bwd"]), ["float32"])
+
+
+# ------------------------------------------------- rows that look like training
+
+
+@pytest.fixture(scope="module")
+def loss_results():
+    groups = training.loss_groups(["ln", "bn"], ["float32"], quick=True,
+                                  shapes={"ln": (8, 16), "bn": (2, 3, 3, 8)})
+    cache = {}
+    return [time_group(g, cache=cache, memory=False, **TINY) for g in groups]
+
+
+@pytest.fixture(scope="module")
+def train_results():
+    groups = training.train_groups(["mlp"], ["float32"], quick=True,
+                                   sizes={"mlp": dict(batch=4, width=8, features=12)},
+                                   norms={"mlp": ("bn", "ln")})
+    return [time_group(g, memory=False, **TINY) for g in groups]
+
+
+def test_loss_rows_cover_every_variant_and_mode(loss_results):
+    keys = [(r.meta["variant"], r.meta["mode"]) for r in loss_results]
+    assert keys == [("ln", "x+params"), ("ln", "x only"), ("bn-train", "x+params"),
+                    ("bn-train", "x only"), ("bn-eval", "x+params"), ("bn-eval", "x only")]
+    for r in loss_results:
+        assert r.meta["kind"] == "loss" and r.reference == "normzoo" and r.roofline == "copy"
+        assert set(r.impls) == {"flax", *backend.columns(), "copy", "copy_twin"}
+        assert not r.notes, r.notes  # every implementation stayed finite
+        assert r.ratio("flax") > 0 and r.control_ratio() > 0
+        for name, impl in r.impls.items():
+            assert len(impl.times_s) == 2 and all(t > 0 for t in impl.times_s)
+            if name not in ("copy", "copy_twin"):  # dx (and dparams) match flax's
+                assert impl.check_rel is not None and impl.check_rel < 1e-4, (r.meta, name)
+
+
+def test_loss_loop_follows_the_gradient_of_the_loss():
+    # One step with lr = 1 of the frozen loop is x - dloss/dx, dloss/dy = y + c.
+    import jax
+    import jax.numpy as jnp
+
+    variant = layers.Variant("ln")
+    x, _, params, _ = layers._inputs(variant, (4, 8), np.float32)
+    c = jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)
+    apply = layers.linen_apply(layers.make_module(layers.nn, variant, jnp.float32, True), variant)
+    x1, _ = training.loss_loop(apply, "x only")(1, jnp.float32(1.0), x, params, {}, c)
+    y_of = lambda x: apply(params, {}, x)[0]  # noqa: E731
+    y, vjp = jax.vjp(y_of, x)
+    np.testing.assert_allclose(x - x1, vjp(y + c)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        training.loss_loop(apply, "params only")
+
+
+def test_train_rows_check_first_step_and_have_a_twin(train_results):
+    labels = [(r.meta["label"], r.meta["dtype"]) for r in train_results]
+    assert labels == [("mlp BatchNorm", "float32"), ("mlp LayerNorm", "float32")]
+    for r in train_results:
+        assert r.meta["kind"] == "train" and r.controls == ("flax_twin",)
+        assert set(r.impls) == {"flax", *backend.columns(), "flax_twin"}
+        assert not r.notes, r.notes
+        for name in backend.columns():
+            assert r.impls[name].check_rel is not None and r.impls[name].check_rel < 1e-4
+        assert report.row_noise(r) is not None and report.row_noise(r) >= 0
+
+
+def test_first_step_check_stops_on_a_different_loss():
+    check = training.FirstStepCheck("row", 1e-4)
+    out = lambda loss: (None, None, None, np.float32(loss))  # noqa: E731
+    assert check(out(2.0), ()) == [np.float32(2.0)]
+    check(out(2.0001), ())
+    with pytest.raises(AssertionError, match="first-step loss"):
+        check(out(2.01), ())
+
+
+@pytest.mark.parametrize("model", ["resnet", "transformer", "mlp"])
+def test_models_declare_the_same_variables_in_both_libraries(model):
+    # Structure only (jax.eval_shape: nothing is compiled): the flax and normzoo models of
+    # every spec take the same variables, filled identically.
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import normzoo
+
+    specs = training.model_specs([model], quick=True, norms=training.NORMS)
+    assert [s.norm for s in specs] == list(training.NORMS[model])
+    assert len(training.model_specs([model], quick=True)) == 1  # --quick: the first norm
+    for spec in specs:
+        x = jnp.zeros(spec.input_shape, jnp.bfloat16)
+        flax_model = spec.build(training.norm_class(nn, spec.norm), jnp.bfloat16)
+        zoo_model = spec.build(training.norm_class(normzoo, spec.norm), jnp.bfloat16)
+        variables = training.init_variables(flax_model, zoo_model, x, row=spec.label)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+        assert ("batch_stats" in variables) == (spec.norm == "bn")
+        logits = jax.eval_shape(
+            lambda v: flax_model.apply(v, x, train=False), variables)
+        assert logits.shape[-1] == spec.num_classes
+
+
+def test_training_tables_verdicts_and_results_file(loss_results, train_results, tmp_path):
+    results = loss_results + train_results
+    text = report.markdown(results)
+    assert "### Layer loops whose loss depends on y" in text and "### Whole train steps" in text
+    verdicts = report.training_verdicts(results)
+    assert len(verdicts) == len(results)
+    for v in verdicts:
+        assert v["default"] in ("yes", "tie", "**no**")
+        assert v["cpu_kernels"] == ("n/a" if not backend.kernels_available() else v["cpu_kernels"])
+    assert report.verdict(0.95, 0.1) == "tie" and report.verdict(0.8, 0.1) == "**no**"
+    assert report.verdict(1.0, None) == "yes"
+    # RESULTS.md: each part is replaced by a run of its rows, the other part kept.
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# normzoo benchmark results\n\nlayer rows of an earlier run\n")
+    meta = {**report.machine_info(), "command": "python -m benchmarks --rows loss,training",
+            "load_average_end": None}
+    for _ in range(2):
+        report.write_results(str(path), results, meta, [], {"quick": True})
+        written = path.read_text()
+        assert "layer rows of an earlier run" in written
+        assert written.count(report.BEGIN_TRAINING) == 1
+        assert "`python -m benchmarks --rows loss,training`" in written
+
+
+def test_cli_parses_rows_models_and_modes():
+    args = cli.parser().parse_args(["--rows", "loss,training", "--models", "mlp",
+                                    "--modes", "x only"])
+    assert args.rows == ["loss", "training"] and args.models == ["mlp"]
+    assert args.modes == ["x only"]
+    assert not cli.wants_floors(args, ["float32"])  # no layer rows: no floors
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["--rows", "everything"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import normzoo.functional as F
-from f_helpers import np_group_standardize, np_moments, np_standardize
+import reference
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -65,8 +65,8 @@ def test_batch_norm_train_numpy_equations(rng):
     x = _x(rng, (16, 3), loc=2.0)
     stats = F.init_batch_stats((3,))
     y, new = F.batch_norm(x, stats, train=True, momentum=0.8, epsilon=1e-3)
-    np.testing.assert_allclose(y, np_standardize(x, (0,), 1e-3), **TOL)
-    mean, var = np_moments(x, (0,))
+    np.testing.assert_allclose(y, reference.standardize(x, (0,), 1e-3), **TOL)
+    mean, var = reference.moments(x, (0,))
     np.testing.assert_allclose(new["mean"], 0.2 * mean.ravel(), **TOL)
     np.testing.assert_allclose(new["var"], 0.8 + 0.2 * var.ravel(), **TOL)  # biased variance
 
@@ -74,7 +74,7 @@ def test_batch_norm_train_numpy_equations(rng):
 def test_batch_norm_defaults_momentum_099_eps_1e5(rng):
     x = (3e-3 * rng.standard_normal((16, 3))).astype(np.float32)  # var ~ eps
     y, new = F.batch_norm(x, F.init_batch_stats((3,)))
-    np.testing.assert_allclose(y, np_standardize(x, (0,), 1e-5), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, reference.standardize(x, (0,), 1e-5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new["mean"], 0.01 * x.mean(0), rtol=1e-4, atol=1e-9)
 
 
@@ -110,11 +110,11 @@ def test_batch_norm_half_precision_stats_float32(rng, dtype):
     y, new = F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.0)
     assert new["mean"].dtype == jnp.float32 and new["var"].dtype == jnp.float32
     xf = np.asarray(x.astype(jnp.float32))
-    mean, var = np_moments(xf, (0,))
+    mean, var = reference.moments(xf, (0,))
     np.testing.assert_allclose(new["mean"], mean.ravel(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new["var"], var.ravel(), rtol=1e-5, atol=1e-5)
     tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
-    np.testing.assert_allclose(np.asarray(y, np.float32), np_standardize(xf, (0,), 1e-5), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(y, np.float32), reference.standardize(xf, (0,), 1e-5), rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- layer_norm / rms_norm
@@ -139,7 +139,7 @@ def test_layer_norm_matches_flax(rng, kw):
 
 def test_layer_norm_defaults_numpy(rng):
     x = (1e-3 * rng.standard_normal((3, 7))).astype(np.float32)  # var ~ default eps 1e-6
-    np.testing.assert_allclose(F.layer_norm(x), np_standardize(x, (1,), 1e-6), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(F.layer_norm(x), reference.standardize(x, (1,), 1e-6), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("use_fast_variance", [True, False])
@@ -194,9 +194,9 @@ def test_group_norm_matches_flax(rng, kw):
 
 def test_group_norm_numpy_and_default_32_groups(rng):
     x = _x(rng, (2, 5, 64))
-    np.testing.assert_allclose(F.group_norm(x, epsilon=1e-5), np_group_standardize(x, 32, 1e-5), **TOL)
+    np.testing.assert_allclose(F.group_norm(x, epsilon=1e-5), reference.group_norm(x, 32, eps=1e-5), **TOL)
     np.testing.assert_allclose(F.group_norm(x, num_groups=4, epsilon=1e-5),
-                               np_group_standardize(x, 4, 1e-5), **TOL)
+                               reference.group_norm(x, 4, eps=1e-5), **TOL)
 
 
 def test_group_norm_explicit_reduction_axes_matches_flax(rng):
@@ -233,7 +233,7 @@ def test_instance_norm_matches_flax(rng, feature_axes):
 
 def test_instance_norm_numpy(rng):
     x = _x(rng, (2, 4, 4, 3))
-    np.testing.assert_allclose(F.instance_norm(x, epsilon=1e-5), np_standardize(x, (1, 2), 1e-5), **TOL)
+    np.testing.assert_allclose(F.instance_norm(x, epsilon=1e-5), reference.standardize(x, (1, 2), 1e-5), **TOL)
 
 
 # ---------------------------------------------------------------- equivalences (no parameters)

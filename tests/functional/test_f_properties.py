@@ -8,7 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import normzoo.functional as F
-from f_helpers import np_moments, np_standardize, x64
+import reference
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -76,11 +76,11 @@ def test_vmap_axis_name_masked_uneven_shards_are_exact(rng):
     y_v, s_v = jjv(lambda v, m: F.batch_norm(v, stats, mask=m, axis_name="d", momentum=0.0),
                         axis_name="d")(xn, mask)
     flat_x, flat_m = x.reshape(20, 3), mask.reshape(20, 1)
-    mean, var = np_moments(flat_x, (0,), flat_m)
+    mean, var = reference.moments(flat_x, (0,), flat_m)
     for d in range(4):
         np.testing.assert_allclose(s_v["mean"][d], mean.ravel(), **TOL)
         np.testing.assert_allclose(s_v["var"][d], var.ravel(), **TOL)
-    ref = np_standardize(flat_x, (0,), 1e-5, flat_m).reshape(4, 5, 3)
+    ref = reference.standardize(flat_x, (0,), 1e-5, flat_m).reshape(4, 5, 3)
     sel = np.broadcast_to(mask, x.shape)
     np.testing.assert_allclose(np.asarray(y_v)[sel], ref[sel], **TOL)
 
@@ -93,7 +93,7 @@ def test_vmap_axis_name_moments_uneven_counts(rng):
     for fast in (True, False):
         mean, var = jjv(lambda v, m: F.moments(v, 0, mask=m, axis_name="d", use_fast_variance=fast),
                              axis_name="d")(x, mask)
-        rm, rv = np_moments(x.reshape(24, 2), (0,), mask.reshape(24, 2))
+        rm, rv = reference.moments(x.reshape(24, 2), (0,), mask.reshape(24, 2))
         np.testing.assert_allclose(mean[0], rm.ravel(), **TOL)
         np.testing.assert_allclose(var[3], rv.ravel(), **TOL)
 
@@ -105,43 +105,40 @@ def _x64(shape, seed=0, loc=0.5):
 
 @pytest.mark.parametrize("name", ["standardize", "center", "scale", "layer_norm", "rms_norm",
                                   "instance_norm", "group_norm", "batch_norm"])
-def test_check_grads_float64(name):
-    with x64():
-        x = jnp.asarray(_x64((4, 3, 4)))
-        s = jnp.asarray(1.0 + 0.1 * _x64((4,), 1, 0.0))
-        b = jnp.asarray(0.1 * _x64((4,), 2, 0.0))
-        fns = {
-            "standardize": lambda x: F.standardize(x, (1, 2)),
-            "center": lambda x: F.center(x, -1),
-            "scale": lambda x: F.scale(x, (1, 2)),
-            "layer_norm": lambda x, s, b: F.layer_norm(x, s, b),
-            "rms_norm": lambda x, s: F.rms_norm(x, s),
-            "instance_norm": lambda x, s, b: F.instance_norm(x, s, b),
-            "group_norm": lambda x, s, b: F.group_norm(x, s, b, num_groups=2),
-            "batch_norm": lambda x, s, b: F.batch_norm(x, F.init_batch_stats((4,)), s, b)[0],
-        }
-        fn = fns[name]
-        nargs = fn.__code__.co_argcount
-        fn = jax.jit(fn)  # one compile instead of op-by-op dispatch of every perturbed call
-        args = (x, s, b)[:nargs]
-        out = fn(*args)
-        assert out.dtype == jnp.float64
-        check_grads(fn, args, order=1, modes=("rev", "fwd"), atol=1e-5, rtol=1e-5)
+def test_check_grads_float64(name, x64):
+    x = jnp.asarray(_x64((4, 3, 4)))
+    s = jnp.asarray(1.0 + 0.1 * _x64((4,), 1, 0.0))
+    b = jnp.asarray(0.1 * _x64((4,), 2, 0.0))
+    fns = {
+        "standardize": lambda x: F.standardize(x, (1, 2)),
+        "center": lambda x: F.center(x, -1),
+        "scale": lambda x: F.scale(x, (1, 2)),
+        "layer_norm": lambda x, s, b: F.layer_norm(x, s, b),
+        "rms_norm": lambda x, s: F.rms_norm(x, s),
+        "instance_norm": lambda x, s, b: F.instance_norm(x, s, b),
+        "group_norm": lambda x, s, b: F.group_norm(x, s, b, num_groups=2),
+        "batch_norm": lambda x, s, b: F.batch_norm(x, F.init_batch_stats((4,)), s, b)[0],
+    }
+    fn = fns[name]
+    nargs = fn.__code__.co_argcount
+    fn = jax.jit(fn)  # one compile instead of op-by-op dispatch of every perturbed call
+    args = (x, s, b)[:nargs]
+    out = fn(*args)
+    assert out.dtype == jnp.float64
+    check_grads(fn, args, order=1, modes=("rev", "fwd"), atol=1e-5, rtol=1e-5)
 
 
-def test_check_grads_second_order_standardize():
-    with x64():
-        x = jnp.asarray(_x64((3, 5)))
-        check_grads(jax.jit(lambda v: F.standardize(v, -1)), (x,), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
+def test_check_grads_second_order_standardize(x64):
+    x = jnp.asarray(_x64((3, 5)))
+    check_grads(jax.jit(lambda v: F.standardize(v, -1)), (x,), order=2, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
-def test_check_grads_masked_batch_norm():
-    with x64():
-        x = jnp.asarray(_x64((6, 3)))
-        mask = np.random.default_rng(3).random((6, 3)) < 0.7
-        mask[:2] = True
-        check_grads(jax.jit(lambda v: F.batch_norm(v, F.init_batch_stats((3,)), mask=mask)[0] * mask),
-                    (x,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+def test_check_grads_masked_batch_norm(x64):
+    x = jnp.asarray(_x64((6, 3)))
+    mask = np.random.default_rng(3).random((6, 3)) < 0.7
+    mask[:2] = True
+    check_grads(jax.jit(lambda v: F.batch_norm(v, F.init_batch_stats((3,)), mask=mask)[0] * mask),
+                (x,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
 def test_grad_through_running_stats_is_finite(rng):
@@ -187,7 +184,7 @@ def _std_ok(y, axes):
 def test_large_mean_moments_fast_variance(rng):
     x = _large(rng, (256, 16))
     mean, var = F.moments(x, 0)  # default use_fast_variance=True
-    rm, rv = np_moments(x, (0,))
+    rm, rv = reference.moments(x, (0,))
     np.testing.assert_allclose(var, rv.ravel(), rtol=0.02)
     np.testing.assert_allclose(mean, rm.ravel(), rtol=1e-6)
 
@@ -196,7 +193,7 @@ def test_large_mean_batch_norm(rng):
     x = _large(rng, (256, 16))
     y, new = F.batch_norm(x, F.init_batch_stats((16,)), momentum=0.0)
     _std_ok(y, 0)
-    _, rv = np_moments(x, (0,))
+    _, rv = reference.moments(x, (0,))
     np.testing.assert_allclose(new["var"], rv.ravel(), rtol=0.02)
 
 
@@ -205,7 +202,7 @@ def test_large_mean_batch_norm_per_feature_offsets(rng):
     x = (offsets + rng.standard_normal((256, 4))).astype(np.float32)
     y, new = F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.0)
     _std_ok(y, 0)
-    np.testing.assert_allclose(new["var"], np_moments(x, (0,))[1].ravel(), rtol=0.02)
+    np.testing.assert_allclose(new["var"], reference.moments(x, (0,))[1].ravel(), rtol=0.02)
 
 
 def test_large_mean_layer_norm_and_group_norm(rng):
@@ -225,7 +222,7 @@ def test_large_mean_with_mask(rng):
     mask = rng.random((256, 4)) < 0.5
     x = np.where(mask, x, np.nan).astype(np.float32)  # masked-out NaNs must not become the shift
     mean, var = F.moments(x, 0, mask=mask)
-    rv = np_moments(np.nan_to_num(x), (0,), mask)[1].ravel()
+    rv = reference.moments(np.nan_to_num(x), (0,), mask)[1].ravel()
     np.testing.assert_allclose(var, rv, rtol=0.02)
 
 

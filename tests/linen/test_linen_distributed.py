@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import normzoo
-from linen_helpers import TOL, assert_trees_equal, np_moments, np_standardize
+import reference
+from linen_helpers import TOL, assert_trees_equal
 
 NDEV = 8
 
@@ -121,12 +122,12 @@ def test_vmap_masked_uneven_shards_are_exact(rng):
     y, upd = jjv(lambda xi, mi: layer.apply(v, xi, mask=mi, mutable=["batch_stats"]),
                       axis_name="d")(xn, mask)
     fx, fm = x.reshape(16, 3), mask.reshape(16, 1)
-    mean, var = np_moments(fx, (0,), fm)
+    mean, var = reference.moments(fx, (0,), fm)
     for d in range(4):
         np.testing.assert_allclose(upd["batch_stats"]["mean"][d], mean.ravel(), **TOL)
         np.testing.assert_allclose(upd["batch_stats"]["var"][d], var.ravel(), **TOL)
     sel = np.broadcast_to(mask, x.shape)
-    ref = np_standardize(fx, (0,), 1e-5, fm).reshape(x.shape)
+    ref = reference.standardize(fx, (0,), 1e-5, fm).reshape(x.shape)
     np.testing.assert_allclose(np.asarray(y)[sel], ref[sel], **TOL)
     # the un-sharded masked module agrees too
     y_full, u_full = normzoo.BatchNorm(use_running_average=False, momentum=0.0).apply(
@@ -146,7 +147,7 @@ def test_vmap_masked_uneven_layer_norm(rng):
     layer = normzoo.LayerNorm(axis_name="seq", use_scale=False, use_bias=False)
     y = jjv(lambda xi, mi: layer.apply({}, xi, mask=mi), axis_name="seq")(x, mask)
     xt, mt = x.transpose(1, 0, 2).reshape(2, 20), mask.transpose(1, 0, 2).reshape(2, 20)
-    ref = np_standardize(xt, (1,), 1e-6, mt).reshape(2, 4, 5).transpose(1, 0, 2)
+    ref = reference.standardize(xt, (1,), 1e-6, mt).reshape(2, 4, 5).transpose(1, 0, 2)
     np.testing.assert_allclose(np.asarray(y)[mask], ref[mask], **TOL)
 
 
@@ -232,7 +233,7 @@ def test_shard_map_masked_uneven_batch_norm_is_exact(rng, mesh):
         v, x, mask=mask, mutable=["batch_stats"])
     sel = np.broadcast_to(mask, x.shape)
     np.testing.assert_allclose(np.asarray(y)[sel], np.asarray(y_full)[sel], **TOL)
-    mean, var = np_moments(x, (0,), mask)
+    mean, var = reference.moments(x, (0,), mask)
     np.testing.assert_allclose(stats["mean"], mean.ravel(), **TOL)
     np.testing.assert_allclose(stats["var"], var.ravel(), **TOL)
 
@@ -245,7 +246,7 @@ def test_shard_map_layer_norm_sequence_parallel(rng, mesh):
     outs = [_shard_map(lambda xi, l=l: l.apply({}, xi), mesh, in_specs=P(None, "data"),
                        out_specs=P(None, "data"))(x) for l in layers]
     np.testing.assert_allclose(outs[1], outs[0], **TOL)
-    np.testing.assert_allclose(outs[1], np_standardize(x, (1, 2), 1e-6), **TOL)
+    np.testing.assert_allclose(outs[1], reference.standardize(x, (1, 2), 1e-6), **TOL)
 
 
 def test_jit_with_sharded_input_needs_no_axis_name(rng, mesh):
@@ -301,7 +302,7 @@ def test_pmap_axis_index_groups_masked_uneven(rng):
     v = _bn_vars(rng, nn.BatchNorm(use_running_average=False), x[0])
     y, s = _pmap_bn(normzoo.BatchNorm, v, momentum=0.0)(x, mask)
     for g in GROUPS:
-        mean, var = np_moments(x[g].reshape(12, 2), (0,), mask[g].reshape(12, 1))
+        mean, var = reference.moments(x[g].reshape(12, 2), (0,), mask[g].reshape(12, 1))
         for d in g:
             np.testing.assert_allclose(s["mean"][d], mean.ravel(), **TOL)
             np.testing.assert_allclose(s["var"][d], var.ravel(), **TOL)

@@ -9,7 +9,6 @@ import pytest
 from jax.test_util import check_grads
 
 import normzoo.functional as F
-from w_helpers import x64
 
 METHODS = ("zca", "pca", "cholesky", "newton")
 
@@ -48,70 +47,66 @@ def test_finite_gradients_on_singular_covariance_float32(rng):
 
 
 @pytest.mark.parametrize("samples", [3, 24], ids=["singular", "regular"])
-def test_check_grads_float64(rng, samples):
+def test_check_grads_float64(rng, samples, x64):
     # against finite differences: every method on a singular covariance (batch 3 < group 6);
     # on a regular one (groups of 3) the custom VJPs (zca, pca; the others are JAX autodiff)
-    with x64():
-        x = rng.standard_normal((samples, 6))
-        w = jnp.asarray(rng.standard_normal((samples, 6)))
-        if samples < 6:
-            losses = jax.jit(_losses(1e-3))
-        else:
-            losses = jax.jit(_losses(1e-5, group_size=3, methods=("zca", "pca")))
-        check_grads(lambda v: losses(v, w), (x,), order=1, modes=["rev"], eps=1e-6,
-                    atol=1e-5, rtol=1e-5)
+    x = rng.standard_normal((samples, 6))
+    w = jnp.asarray(rng.standard_normal((samples, 6)))
+    if samples < 6:
+        losses = jax.jit(_losses(1e-3))
+    else:
+        losses = jax.jit(_losses(1e-5, group_size=3, methods=("zca", "pca")))
+    check_grads(lambda v: losses(v, w), (x,), order=1, modes=["rev"], eps=1e-6,
+                atol=1e-5, rtol=1e-5)
 
 
-def test_whitening_matrix_gradient_with_repeated_eigenvalues(rng):
+def test_whitening_matrix_gradient_with_repeated_eigenvalues(rng, x64):
     # Sigma = diag(2, 2, 2, 0.5): a triple eigenvalue; zca, cholesky and newton are smooth there
-    with x64():
-        sigma = jnp.diag(jnp.array([2.0, 2.0, 2.0, 0.5]))
-        c = jnp.asarray(rng.standard_normal((4, 4)))
+    sigma = jnp.diag(jnp.array([2.0, 2.0, 2.0, 0.5]))
+    c = jnp.asarray(rng.standard_normal((4, 4)))
 
-        @jax.jit
-        def f(s):
-            return jnp.stack([
-                jnp.sum(c * F.whitening_matrix(s, method, epsilon=0.1, iterations=30))
-                for method in ("zca", "cholesky", "newton")
-            ])
+    @jax.jit
+    def f(s):
+        return jnp.stack([
+            jnp.sum(c * F.whitening_matrix(s, method, epsilon=0.1, iterations=30))
+            for method in ("zca", "cholesky", "newton")
+        ])
 
-        assert np.all(np.isfinite(np.asarray(jax.jacrev(f)(sigma))))
-        check_grads(f, (sigma,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
-
-
-def test_zca_vjp_equals_autodiff_through_eigh(rng):
-    with x64():
-        a = rng.standard_normal((2, 5, 5))
-        sigma = jnp.asarray(a @ np.swapaxes(a, -1, -2))
-        c = jnp.asarray(rng.standard_normal((2, 5, 5)))
-
-        def plain(s):  # textbook ZCA, autodiff through eigh (fine for distinct eigenvalues)
-            lam, d = jnp.linalg.eigh(s + 1e-2 * jnp.eye(5))
-            return jnp.sum(c * ((d * lam[..., None, :] ** -0.5) @ jnp.swapaxes(d, -1, -2)))
-
-        ours = jax.jit(jax.grad(lambda s: jnp.sum(c * F.whitening_matrix(s, "zca", epsilon=1e-2))))
-        expected = jax.jit(jax.grad(plain))(sigma)
-        np.testing.assert_allclose(ours(sigma), expected, rtol=1e-8, atol=1e-10)
+    assert np.all(np.isfinite(np.asarray(jax.jacrev(f)(sigma))))
+    check_grads(f, (sigma,), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-def test_pca_vjp_equals_autodiff_through_eigh(rng):
-    with x64():
-        a = rng.standard_normal((5, 5))
-        sigma = jnp.asarray(a @ a.T)
-        c = jnp.asarray(rng.standard_normal((5, 5)))
-        _, d0 = np.linalg.eigh(np.asarray(sigma))
-        d0 = d0[:, ::-1]
-        pivots = d0[np.argmax(np.abs(d0), axis=0), np.arange(5)]
-        signs = jnp.asarray(np.where(pivots < 0, -1.0, 1.0))
+def test_zca_vjp_equals_autodiff_through_eigh(rng, x64):
+    a = rng.standard_normal((2, 5, 5))
+    sigma = jnp.asarray(a @ np.swapaxes(a, -1, -2))
+    c = jnp.asarray(rng.standard_normal((2, 5, 5)))
 
-        def plain(s):
-            lam, d = jnp.linalg.eigh(s + 1e-2 * jnp.eye(5))
-            lam, d = lam[::-1], d[:, ::-1] * signs
-            return jnp.sum(c * (lam[:, None] ** -0.5 * d.T))
+    def plain(s):  # textbook ZCA, autodiff through eigh (fine for distinct eigenvalues)
+        lam, d = jnp.linalg.eigh(s + 1e-2 * jnp.eye(5))
+        return jnp.sum(c * ((d * lam[..., None, :] ** -0.5) @ jnp.swapaxes(d, -1, -2)))
 
-        ours = jax.jit(jax.grad(lambda s: jnp.sum(c * F.whitening_matrix(s, "pca", epsilon=1e-2))))
-        expected = jax.jit(jax.grad(plain))(sigma)
-        np.testing.assert_allclose(ours(sigma), expected, rtol=1e-7, atol=1e-9)
+    ours = jax.jit(jax.grad(lambda s: jnp.sum(c * F.whitening_matrix(s, "zca", epsilon=1e-2))))
+    expected = jax.jit(jax.grad(plain))(sigma)
+    np.testing.assert_allclose(ours(sigma), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_pca_vjp_equals_autodiff_through_eigh(rng, x64):
+    a = rng.standard_normal((5, 5))
+    sigma = jnp.asarray(a @ a.T)
+    c = jnp.asarray(rng.standard_normal((5, 5)))
+    _, d0 = np.linalg.eigh(np.asarray(sigma))
+    d0 = d0[:, ::-1]
+    pivots = d0[np.argmax(np.abs(d0), axis=0), np.arange(5)]
+    signs = jnp.asarray(np.where(pivots < 0, -1.0, 1.0))
+
+    def plain(s):
+        lam, d = jnp.linalg.eigh(s + 1e-2 * jnp.eye(5))
+        lam, d = lam[::-1], d[:, ::-1] * signs
+        return jnp.sum(c * (lam[:, None] ** -0.5 * d.T))
+
+    ours = jax.jit(jax.grad(lambda s: jnp.sum(c * F.whitening_matrix(s, "pca", epsilon=1e-2))))
+    expected = jax.jit(jax.grad(plain))(sigma)
+    np.testing.assert_allclose(ours(sigma), expected, rtol=1e-7, atol=1e-9)
 
 
 def test_plain_eigh_gradient_is_nan_on_equal_eigenvalues(rng):
@@ -127,34 +122,33 @@ def test_plain_eigh_gradient_is_nan_on_equal_eigenvalues(rng):
     assert not np.all(np.isfinite(np.asarray(jax.jit(jax.grad(plain))(x))))
 
 
-def test_cholesky_jvp_equals_autodiff_through_the_factorization(rng):
+def test_cholesky_jvp_equals_autodiff_through_the_factorization(rng, x64):
     # normzoo's closed-form JVP, dPhi = -low(Phi dS Phi^T) Phi, forward and reverse, against
     # JAX's autodiff through cholesky + triangular_solve of sym(S) + eps I, batched and with
     # a non-symmetric tangent (the symmetrization is part of the function).
-    with x64():
-        a = rng.standard_normal((3, 5, 5))
-        sigma = jnp.asarray(a @ np.swapaxes(a, -1, -2) / 5)
-        tangent = jnp.asarray(rng.standard_normal((3, 5, 5)))
-        eye = jnp.eye(5)
+    a = rng.standard_normal((3, 5, 5))
+    sigma = jnp.asarray(a @ np.swapaxes(a, -1, -2) / 5)
+    tangent = jnp.asarray(rng.standard_normal((3, 5, 5)))
+    eye = jnp.eye(5)
 
-        def plain(s):
-            chol = jnp.linalg.cholesky(0.5 * (s + jnp.swapaxes(s, -1, -2)) + 1e-2 * eye)
-            return jax.lax.linalg.triangular_solve(chol, jnp.broadcast_to(eye, s.shape),
-                                                   left_side=True, lower=True)
+    def plain(s):
+        chol = jnp.linalg.cholesky(0.5 * (s + jnp.swapaxes(s, -1, -2)) + 1e-2 * eye)
+        return jax.lax.linalg.triangular_solve(chol, jnp.broadcast_to(eye, s.shape),
+                                               left_side=True, lower=True)
 
-        def ours(s):
-            return F.whitening_matrix(s, "cholesky", epsilon=1e-2)
+    def ours(s):
+        return F.whitening_matrix(s, "cholesky", epsilon=1e-2)
 
-        got, got_dot = jax.jvp(ours, (sigma,), (tangent,))
-        want, want_dot = jax.jvp(plain, (sigma,), (tangent,))
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(got_dot, want_dot, rtol=1e-9, atol=1e-11)
-        c = jnp.asarray(rng.standard_normal((3, 5, 5)))
-        np.testing.assert_allclose(jax.grad(lambda s: jnp.sum(c * ours(s)))(sigma),
-                                   jax.grad(lambda s: jnp.sum(c * plain(s)))(sigma),
-                                   rtol=1e-9, atol=1e-11)
-        check_grads(ours, (sigma,), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-6,
-                    rtol=1e-6)
+    got, got_dot = jax.jvp(ours, (sigma,), (tangent,))
+    want, want_dot = jax.jvp(plain, (sigma,), (tangent,))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got_dot, want_dot, rtol=1e-9, atol=1e-11)
+    c = jnp.asarray(rng.standard_normal((3, 5, 5)))
+    np.testing.assert_allclose(jax.grad(lambda s: jnp.sum(c * ours(s)))(sigma),
+                               jax.grad(lambda s: jnp.sum(c * plain(s)))(sigma),
+                               rtol=1e-9, atol=1e-11)
+    check_grads(ours, (sigma,), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-6,
+                rtol=1e-6)
 
 
 def test_cholesky_retries_failed_factorizations_alone_outside_vmap(rng):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import normzoo.functional as F
-from w_helpers import correlated, np_cov, np_phi, np_whiten, whiten, whiten_batch, whitening_matrix
+import reference
+from w_helpers import correlated, whiten, whiten_batch, whitening_matrix
 
 METHODS = ("zca", "pca", "cholesky", "newton")
 
@@ -24,20 +25,20 @@ def _off(a):
 def test_forward_matches_float64_reference(rng, method, group_size):
     x, _ = correlated(rng, 64, 8, condition=10.0)
     y = whiten_batch(x, method, group_size, epsilon=1e-3)
-    np.testing.assert_allclose(y, np_whiten(x, method, group_size, eps=1e-3), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(y, reference.whiten(x, method, group_size, eps=1e-3), atol=1e-4, rtol=1e-4)
 
 
 def test_forward_channels_last_conv(rng):
     x = rng.standard_normal((6, 4, 4, 8)).astype(np.float32)
     y = whiten_batch(x, "zca", 4, epsilon=1e-3)
-    ref = np_whiten(x.reshape(-1, 8), "zca", 4, eps=1e-3).reshape(x.shape)
+    ref = reference.whiten(x.reshape(-1, 8), "zca", 4, eps=1e-3).reshape(x.shape)
     np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_feature_axis_not_last(rng):
     x = rng.standard_normal((40, 6, 3)).astype(np.float32)  # (N, C, L), features on axis 1
     y = whiten_batch(x, "cholesky", epsilon=1e-3, axis=1)
-    ref = np_whiten(np.moveaxis(x, 1, -1).reshape(-1, 6), "cholesky", eps=1e-3)
+    ref = reference.whiten(np.moveaxis(x, 1, -1).reshape(-1, 6), "cholesky", eps=1e-3)
     np.testing.assert_allclose(np.moveaxis(y, 1, -1).reshape(-1, 6), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -47,7 +48,7 @@ def test_whitening_matrix_matches_reference(rng, method):
     sigma = (a @ np.swapaxes(a, -1, -2) / 5).astype(np.float32)
     phi = whitening_matrix(sigma, method=method, epsilon=1e-2, iterations=5)
     for k in range(3):
-        np.testing.assert_allclose(phi[k], np_phi(sigma[k], method, 1e-2), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(phi[k], reference.whitening_matrix(sigma[k], method, 1e-2), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- properties
@@ -86,7 +87,7 @@ def test_cholesky_first_feature_is_standardized(big_batch):
 
 
 def test_newton_five_steps_remove_most_correlation(big_batch):
-    _, sigma = np_cov(big_batch)
+    _, sigma = reference.covariance(big_batch)
     before = _off(np.corrcoef(big_batch.T))
     ratios = []
     for t in (1, 3, 5):
@@ -124,7 +125,7 @@ def test_coupled_newton_is_stable_for_many_iterations(rng):
 
     phi = whitening_matrix(sigma, method="newton", epsilon=0.0, iterations=60)
     assert error(phi) < 1e-3
-    zca = np_phi(sigma, "zca", 0.0)
+    zca = reference.whitening_matrix(sigma, "zca", 0.0)
     np.testing.assert_allclose(phi, zca, atol=1e-3 * np.abs(zca).max())
 
 
@@ -134,8 +135,8 @@ def test_group_whitening_leaves_cross_group_correlation(rng):
     c = np.cov(y.T, bias=True)
     for k in range(2):
         np.testing.assert_allclose(c[4 * k:4 * k + 4, 4 * k:4 * k + 4], np.eye(4), atol=1e-3)
-    _, sigma = np_cov(x)
-    phi = [np_phi(sigma[s, s], "zca", 1e-6) for s in (slice(0, 4), slice(4, 8))]
+    _, sigma = reference.covariance(x)
+    phi = [reference.whitening_matrix(sigma[s, s], "zca", 1e-6) for s in (slice(0, 4), slice(4, 8))]
     expected = phi[0] @ sigma[:4, 4:] @ phi[1].T  # cross-group block, untouched
     np.testing.assert_allclose(c[:4, 4:], expected, atol=1e-3)
     assert np.abs(expected).max() > 0.1
@@ -174,8 +175,8 @@ def test_running_statistics_update_rule(rng, running_average_of):
     x = rng.standard_normal((32, 4)).astype(np.float32)
     stats = {"mean": jnp.full((4,), 0.5), running_average_of: 2.0 * jnp.eye(4)[None]}
     _, new = whiten(x, stats, momentum=0.8, epsilon=1e-3, running_average_of=running_average_of)
-    mean, sigma = np_cov(x)
-    batch = sigma if running_average_of == "covariance" else np_phi(sigma, "zca", 1e-3)
+    mean, sigma = reference.covariance(x)
+    batch = sigma if running_average_of == "covariance" else reference.whitening_matrix(sigma, "zca", 1e-3)
     np.testing.assert_allclose(new["mean"], 0.8 * 0.5 + 0.2 * mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new[running_average_of][0], 0.8 * 2 * np.eye(4) + 0.2 * batch,
                                rtol=1e-4, atol=1e-5)
@@ -191,7 +192,7 @@ def test_inference_uses_running_statistics(rng, running_average_of):
     stats = {"mean": mean, running_average_of: running[None]}
     y, _ = whiten(x, stats, method="cholesky", train=False, epsilon=1e-3,
                   running_average_of=running_average_of)
-    phi = np_phi(running, "cholesky", 1e-3) if running_average_of == "covariance" else running
+    phi = reference.whitening_matrix(running, "cholesky", 1e-3) if running_average_of == "covariance" else running
     np.testing.assert_allclose(y, (x - np.asarray(stats["mean"])) @ phi.T, rtol=1e-4, atol=1e-4)
 
 
@@ -199,7 +200,7 @@ def test_affine_recovery(rng):
     x = rng.standard_normal((32, 4)).astype(np.float32)
     scale, bias = rng.standard_normal((2, 4)).astype(np.float32)
     y, _ = whiten(x, F.init_whitening_stats(4), scale, bias, epsilon=1e-3)
-    expected = np_whiten(x, "zca", eps=1e-3) * scale + bias
+    expected = reference.whiten(x, "zca", eps=1e-3) * scale + bias
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -209,7 +210,7 @@ def test_coloring_recovery(rng):
     bias = rng.standard_normal(8).astype(np.float32)
     y, _ = whiten(x, F.init_whitening_stats(8, 4), w, bias, group_size=4, epsilon=1e-3,
                   recovery="coloring")
-    yw = np_whiten(x, "zca", 4, eps=1e-3)
+    yw = reference.whiten(x, "zca", 4, eps=1e-3)
     expected = np.concatenate([yw[:, :4] @ w[0].T, yw[:, 4:] @ w[1].T], axis=1) + bias
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
@@ -219,7 +220,7 @@ def test_mask_equals_whitening_the_selected_samples(rng):
     mask = rng.random(40) < 0.5
     x_nan = np.where(mask[:, None], x, np.nan).astype(np.float32)
     y, _ = whiten(x_nan, F.init_whitening_stats(6), mask=mask[:, None], epsilon=1e-3)
-    ref = np_whiten(x[mask], "zca", eps=1e-3)
+    ref = reference.whiten(x[mask], "zca", eps=1e-3)
     np.testing.assert_allclose(np.asarray(y)[mask], ref, rtol=1e-4, atol=1e-4)
 
 
@@ -229,7 +230,7 @@ def test_axis_name_under_vmap_equals_full_batch(rng):
     y, new = jax.jit(jax.vmap(
         lambda v: F.whiten(v, stats, group_size=3, epsilon=1e-3, axis_name="b"), axis_name="b"
     ))(x)
-    ref = np_whiten(x.reshape(-1, 6), "zca", 3, eps=1e-3).reshape(x.shape)
+    ref = reference.whiten(x.reshape(-1, 6), "zca", 3, eps=1e-3).reshape(x.shape)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new["covariance"][0], new["covariance"][3])
 
@@ -238,7 +239,7 @@ def test_vmap_without_axis_name_whitens_each_slice(rng):
     x = rng.standard_normal((3, 20, 4)).astype(np.float32)
     y, _ = jax.jit(jax.vmap(lambda v: F.whiten(v, F.init_whitening_stats(4), epsilon=1e-3)))(x)
     for k in range(3):
-        np.testing.assert_allclose(y[k], np_whiten(x[k], "zca", eps=1e-3), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y[k], reference.whiten(x[k], "zca", eps=1e-3), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["zca", "newton"])
@@ -247,7 +248,7 @@ def test_bf16_input_with_float32_statistics(rng, method):
     y, new = whiten(x, F.init_whitening_stats(8), method=method, epsilon=1e-3)
     assert y.dtype == jnp.bfloat16
     assert all(v.dtype == jnp.float32 for v in new.values())
-    ref = np_whiten(np.asarray(x, np.float32), method, eps=1e-3)
+    ref = reference.whiten(np.asarray(x, np.float32), method, eps=1e-3)
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=5e-2, rtol=2e-2)
     y32, _ = jax.eval_shape(lambda s: F.whiten(x, F.init_whitening_stats(8), s), jnp.ones(8))
     assert y32.dtype == jnp.float32  # promotion with float32 params, as flax.linen

@@ -1,14 +1,13 @@
 // normzoo's CPU kernels: normalization statistics, normalization and affine in one call.
 //
-// XLA:CPU emits a reduction along the contiguous (minor) axis as a serial loop: on the
-// 2-core machines of this project a row sum of a 4096 x 1024 float32 matrix takes ~10
-// copies of it, and LayerNorm's forward ~5 (benchmarks/RESULTS.md). These kernels reduce
+// XLA:CPU emits a reduction along the contiguous (minor) axis as a serial loop, several
+// times slower than a copy of x (docs/performance.md). These kernels reduce
 // with vector instructions on XLA's intra-op thread pool: the row kernel reads each row
 // from memory once (its two reductions and the output run from L1 cache), the grouped one
 // reads x twice (the channel moments, then the output; for InstanceNorm and GroupNorm one
 // sample's slab is often still in L2 cache the second time).
 //
-// Two handlers, registered with XLA's FFI (normzoo/functional/native/__init__.py). Their
+// Two handlers, registered with XLA's FFI (normzoo/backends/cpu/library.py). Their
 // buffers are read flat, whatever their shape; attributes give the view:
 //
 //   normzoo_row_norm (features = F):  x (R, F) -> y (R, F), mean (R), var (R)
@@ -201,10 +200,8 @@ inline void vput(U* p, vfloat v, bool stream) {
 // y is not x (in place, y's lines are in cache already), every row starts on a 64-byte
 // boundary, and the kernel moves at least kStreamBytes (its inputs and y: `traffic`), the
 // last-level cache of this project's machines (32 MiB), so that y's lines would leave the
-// cache before anyone reads them. C++ timings there, 2 threads, plain / streamed (ms):
-// LayerNorm 4096 x 1024 float32 forward into a fresh y 1.07 / 0.63, backward 1.8 / 1.3;
-// BatchNorm 64x28x28x128 float32 forward 2.0 / 1.3-1.6, backward 4.8 / 3.4-3.9. Each item
-// that streams ends with stream_fence(), before parallel_for counts it finished.
+// cache before anyone reads them (measurements: docs/performance.md). Each item that
+// streams ends with stream_fence(), before parallel_for counts it finished.
 #ifndef NZ_STREAM_BYTES
 #define NZ_STREAM_BYTES (32 << 20)
 #endif
@@ -553,8 +550,7 @@ void channel_moments(const T* x, int64_t m0, int64_t m1, int64_t channels, int64
   std::vector<double> bmean(channels), bm2(channels);
   double n = 0.0;  // rows merged so far: the same count for every channel
   // The block's (nb, bmean, bm2) into the running moments. The weights nb / n_new and
-  // n nb / n_new are the same for every channel: two divisions per block, not per channel
-  // (bfloat16 moments pass, 1 thread, 32 channels: 300-380 -> 200-240 µs).
+  // n nb / n_new are the same for every channel: two divisions per block, not per channel.
   auto merge = [&](double nb) {
     const double n_new = n + nb, w = nb / n_new, f = n * w;
     for (int64_t c = 0; c < channels; ++c) {
@@ -639,8 +635,7 @@ constexpr int64_t kRowBlock = 16;
 
 // y = (x - shift) * mul + bias over rows [m0, m1) of an (M, C) slab. Channels go in tiles
 // of kTile vectors whose shift, mul and bias stay in registers down the rows: the pass then
-// loads x only, three vector loads fewer per vector of x (BatchNorm forward over 128
-// channels, 2 threads: 963 -> 699 µs in float32).
+// loads x only, three vector loads fewer per vector of x.
 template <typename T, typename U>
 void normalize_rows(const T* x, U* y, int64_t m0, int64_t m1, int64_t channels,
                     const float* shift, const float* mul, const float* bias, bool stream) {

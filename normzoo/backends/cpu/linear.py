@@ -1,7 +1,7 @@
 """The linearization of the native forward pass, with the native backward as its transpose.
 
 :func:`tangent` is the derivative of ``(y, mean, var)`` of
-:func:`normzoo.functional.native.row_normalize` / :func:`grouped_normalize` in the
+:func:`normzoo.backends.cpu.ffi.row_normalize` / :func:`grouped_normalize` in the
 direction ``(dx, dscale, dbias)``, at fixed ``x``, ``scale`` and statistics. It is a JAX
 primitive (``normzoo_norm_tangent``) linear in ``(dx, dscale, dbias)`` whose transpose is a
 second primitive (``normzoo_norm_cotangent``): on CPU one native kernel that reads ``x``
@@ -31,7 +31,7 @@ try:  # jax >= 0.4.36
 except ImportError:  # pragma: no cover
     from jax.core import Primitive
 
-from normzoo.functional import native
+from normzoo.backends.cpu import library
 
 Array = jax.Array
 
@@ -156,8 +156,9 @@ for _p in (tangent_p, cotangent_p):
     _p.def_impl(functools.partial(_apply, _p))
 
     def _jvp(primals, tangents, *, view, _ref=_ref):
-        tangents = [ad.instantiate_zeros(t) for t in tangents]
-        return jax.jvp(lambda *a: _ref(view, *a), primals, tangents)
+        # jax.jvp needs primals and tangents of one tree structure: both tuples.
+        tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+        return jax.jvp(lambda *a: _ref(view, *a), tuple(primals), tangents)
 
     def _batch(args, dims, *, view, _ref=_ref):
         out = jax.vmap(lambda *a: _ref(view, *a), in_axes=dims)(*args)
@@ -191,7 +192,7 @@ ad.primitive_transposes[cotangent_p] = _transpose_to(tangent_p)
 
 
 def _cotangent_cpu(ctx, x, scale, mean, var, gy, gmean, gvar, *, view):
-    native.available()  # builds and registers the kernels if this process has not yet
+    library.load()  # builds and registers the kernels if this process has not yet
     target = "normzoo_row_norm_backward" if view.kind == "row" else "normzoo_grouped_norm_backward"
     rule = jax.ffi.ffi_lowering(target)
     return rule(ctx, x, scale, mean, var, gy, gmean, gvar, **view.attributes())

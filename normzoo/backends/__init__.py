@@ -1,0 +1,1 @@
+"""Optional backends for normzoo's ops; none is imported or used unless enabled."""
