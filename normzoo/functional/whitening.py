@@ -41,7 +41,8 @@ and exact for repeated eigenvalues too (``K_ii = f'(l_i)``), with no cancellatio
 function of ``Sigma`` on a repeated eigenspace (any rotation of it is a valid ``D``); its VJP
 zeroes the ``1 / (l_i - l_j)`` terms of (numerically) equal eigenvalues, which is exact when the
 loss does not depend on the basis within the eigenspace, as for the null space of a small batch
-(its outputs are zero). Cholesky's JVP is the closed form ``dPhi = -low(Phi dSigma Phi^T) Phi``
+(its outputs are zero). All three rules are JVPs (``custom_jvp``), linear in the tangent, so forward and
+reverse mode both work. Cholesky's JVP is the closed form ``dPhi = -low(Phi dSigma Phi^T) Phi``
 (``low``: the strict lower triangle plus half the diagonal), from one factorization; Newton
 uses JAX's autodiff (finite for ``eps > 0``).
 
@@ -137,27 +138,27 @@ def _quad(d: Array, inner: Array) -> Array:
 
 
 # ---------------------------------------------------------------- ZCA
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _zca(sigma: Array, epsilon: float) -> Array:
-    lam, d = _eigh(sigma, epsilon)
+def _zca_from(lam: Array, d: Array) -> Array:
     return _quad(d, lax.rsqrt(lam)[..., None] * _eye_like(d))
 
 
-def _zca_fwd(sigma, epsilon):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _zca(sigma: Array, epsilon: float) -> Array:
+    return _zca_from(*_eigh(sigma, epsilon))
+
+
+@_zca.defjvp
+def _zca_jvp(epsilon, primals, tangents):
+    # Daleckii-Krein: dPhi = D (K o (D^T dSigma D)) D^T, K the divided differences of
+    # f(l) = l^-1/2, -1 / (s_i s_j (s_i + s_j)) with s = sqrt(l) (diagonal: f'(l_i)). The
+    # tangent map is linear in dSigma, so reverse mode is its transpose (the same formula).
+    (sigma,), (dsigma,) = primals, tangents
     lam, d = _eigh(sigma, epsilon)
-    return _quad(d, lax.rsqrt(lam)[..., None] * _eye_like(d)), (lam, d)
-
-
-def _zca_bwd(epsilon, residuals, g):
-    lam, d = residuals
     s = jnp.sqrt(lam)
-    # Divided differences of f(l) = l^-1/2: -1 / (s_i s_j (s_i + s_j)); diagonal = f'(l_i).
     k = -1.0 / (s[..., :, None] * s[..., None, :] * (s[..., :, None] + s[..., None, :]))
-    inner = k * jnp.einsum("...ji,...jk,...kl->...il", d, _symmetrize(g), d, precision=HIGHEST)
-    return (_quad(d, inner),)
-
-
-_zca.defvjp(_zca_fwd, _zca_bwd)
+    inner = k * jnp.einsum("...ji,...jk,...kl->...il", d, _symmetrize(dsigma), d,
+                           precision=HIGHEST)
+    return _zca_from(lam, d), _quad(d, inner)
 
 
 # ---------------------------------------------------------------- PCA
@@ -169,35 +170,31 @@ def _pca_basis(sigma: Array, epsilon: float) -> tuple[Array, Array]:
     return lam, d * jnp.where(pivot < 0, -1.0, 1.0).astype(d.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _pca(sigma: Array, epsilon: float) -> Array:
     lam, u = _pca_basis(sigma, epsilon)
     return lax.rsqrt(lam)[..., :, None] * jnp.swapaxes(u, -1, -2)
 
 
-def _pca_fwd(sigma, epsilon):
+@_pca.defjvp
+def _pca_jvp(epsilon, primals, tangents):
+    # Phi = diag(f) U^T, f = lam^-1/2: with A = U^T dSigma U, dlam = diag(A) and
+    # dU = U (F o A), F_ij = 1 / (l_j - l_i) zeroed for (numerically) equal eigenvalues:
+    # exact when the loss does not depend on the basis within an eigenspace (module
+    # docstring). Linear in dSigma, so reverse mode is its transpose.
+    (sigma,), (dsigma,) = primals, tangents
     lam, u = _pca_basis(sigma, epsilon)
-    return lax.rsqrt(lam)[..., :, None] * jnp.swapaxes(u, -1, -2), (lam, u)
-
-
-def _pca_bwd(epsilon, residuals, g):
-    lam, u = residuals
     f = lax.rsqrt(lam)
-    # Phi = diag(f) U^T:  dL/df_i = (G U)_ii,  dL/dU = G^T diag(f).
-    f_bar = jnp.einsum("...ij,...ji->...i", g, u, precision=HIGHEST)
-    lam_bar = f_bar * (-0.5) * f**3
-    u_bar = jnp.swapaxes(g, -1, -2) * f[..., None, :]
-    # Eigenvector derivative: F_ij = 1 / (l_j - l_i), zeroed for (numerically) equal l.
+    a = jnp.einsum("...ji,...jk,...kl->...il", u, _symmetrize(dsigma), u, precision=HIGHEST)
     diff = lam[..., None, :] - lam[..., :, None]
     tol = 16 * lam.shape[-1] * jnp.finfo(lam.dtype).eps * jnp.max(lam, axis=-1)[..., None, None]
     degenerate = jnp.abs(diff) <= tol
     f_mat = jnp.where(degenerate, 0.0, 1.0 / jnp.where(degenerate, 1.0, diff))
-    inner = f_mat * jnp.einsum("...ji,...jk->...ik", u, u_bar, precision=HIGHEST)
-    inner = inner + lam_bar[..., None] * _eye_like(u)
-    return (_symmetrize(_quad(u, inner)),)
-
-
-_pca.defvjp(_pca_fwd, _pca_bwd)
+    du = jnp.einsum("...ij,...jk->...ik", u, f_mat * a, precision=HIGHEST)
+    df = -0.5 * f**3 * jnp.diagonal(a, axis1=-2, axis2=-1)
+    ut = jnp.swapaxes(u, -1, -2)
+    phi = f[..., :, None] * ut
+    return phi, df[..., :, None] * ut + f[..., :, None] * jnp.swapaxes(du, -1, -2)
 
 
 # ---------------------------------------------------------------- Cholesky, Newton
