@@ -370,7 +370,8 @@ class Whiten:
         shape, red, feat = resolved.shape, resolved.reduction_axes, resolved.feature_axes
         if resolved.group_axis is not None:
             a = resolved.group_axis
-            shape = split_groups(np.empty(shape, np.bool_), resolved.num_groups, a).shape
+            g = resolved.num_groups
+            shape = shape[:a] + (g, shape[a] // g) + shape[a + 1:]
             red = tuple(sorted([r if r < a else r + 1 for r in red] + [a + 1]))
             feat = (a,)
         if not red:
