@@ -3,10 +3,12 @@
     >>> from normzoo import registry
     >>> layer = registry.make("bn", use_running_average=False, momentum=0.9)
     >>> variables = layer.init(jax.random.key(0), x)
+    >>> layer = registry.make("bn", api="nnx", num_features=64, rngs=nnx.Rngs(0))
 
 ``use_running_average`` is forwarded to the layers that keep running statistics
 (``registry.is_stateful(name)``) and dropped for the others, so a model can treat every
-name alike. Keyword overrides go to the layer's constructor.
+name alike. Keyword overrides go to the layer's constructor. ``api="nnx"`` builds the
+:mod:`normzoo.nnx` twin of the same entry (``num_features`` and ``rngs`` then required).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import nnx
 
 from normzoo.linen import (
     BatchNorm,
@@ -39,6 +42,19 @@ class Identity(nn.Module):
     @nn.compact
     def __call__(self, x, *, mask=None):
         return x
+
+
+class IdentityNNX(nnx.Module):
+    """The ``none`` normalizer in NNX (``num_features`` and ``rngs`` accepted and unused)."""
+
+    def __init__(self, num_features: int | None = None, *, rngs: nnx.Rngs | None = None):
+        self.num_features = num_features
+
+    def __call__(self, x, *, mask=None):
+        return x
+
+
+APIS = ("linen", "nnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +97,46 @@ def _get(name: str) -> Entry:
     return _REGISTRY[name]
 
 
-def make(name: str, *, use_running_average: bool | None = None, **overrides: Any) -> nn.Module:
+def make(name: str, *, use_running_average: bool | None = None, api: str = "linen",
+         num_features: int | None = None, rngs: nnx.Rngs | None = None,
+         **overrides: Any) -> nn.Module | nnx.Module:
     """Builds the layer ``name`` with constructor ``overrides``.
 
     ``use_running_average`` goes to stateful layers only (see :func:`is_stateful`).
+    ``api``: ``"linen"`` (a flax.linen module) or ``"nnx"`` (its :mod:`normzoo.nnx` twin,
+    built with ``num_features`` and ``rngs``; ``use_running_average=None`` keeps the NNX
+    default, training mode).
     """
     entry = _get(name)
-    if entry.stateful:
+    if api not in APIS:
+        raise ValueError(f"api={api!r} is unknown; expected one of {APIS}")
+    if api == "linen":
+        if num_features is not None or rngs is not None:
+            raise TypeError("num_features and rngs are for api='nnx'; linen layers infer "
+                            "their features from the input")
+        if entry.stateful:
+            overrides["use_running_average"] = use_running_average
+        return entry.factory(**overrides)
+    if num_features is None or rngs is None:
+        raise TypeError(f"api='nnx' needs num_features and rngs (got num_features="
+                        f"{num_features!r}, rngs={rngs!r})")
+    if entry.stateful and use_running_average is not None:
         overrides["use_running_average"] = use_running_average
-    return entry.factory(**overrides)
+    return nnx_factory(entry.factory)(num_features, rngs=rngs, **overrides)
+
+
+def nnx_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """The NNX twin of a linen factory: a layer class, or a ``functools.partial`` of one."""
+    from normzoo.nnx import TWINS  # normzoo.nnx imports normzoo.linen; imported on use
+
+    if factory is Identity:
+        return IdentityNNX
+    if isinstance(factory, functools.partial):
+        return functools.partial(nnx_factory(factory.func), *factory.args, **factory.keywords)
+    if factory not in TWINS:
+        raise ValueError(f"{factory!r} has no normzoo.nnx twin; register a linen class of "
+                         "normzoo.linen (or a functools.partial of one)")
+    return TWINS[factory]
 
 
 register("none", Identity, stateful=False, description="no normalization (identity)")

@@ -62,12 +62,10 @@ class Normalization(nn.Module):
             # As flax.linen: statistics of the init call stay on this device.
             norm = dataclasses.replace(
                 norm, reduction=dataclasses.replace(norm.reduction, axis_name=None))
-        float32 = getattr(self, "force_float32_reductions", True)
         param_dtype = getattr(self, "param_dtype", jnp.float32)
-        stats_dtype = jnp.float32 if float32 else param_dtype
         variables = {
             k: self.variable("batch_stats", k, lambda v=v: v)
-            for k, v in norm.init_stats(x.shape, stats_dtype).items()
+            for k, v in norm.init_stats(x.shape, stats_dtype(self)).items()
         }
         scale, bias = self._params(norm, x.shape, param_dtype)
         y, new_stats = norm.apply(
@@ -80,19 +78,41 @@ class Normalization(nn.Module):
         return y
 
     def _params(self, norm: Normalizer, shape, param_dtype) -> tuple[Array | None, Array | None]:
-        shapes = norm.param_shapes(shape)
-        coloring = norm.recovery == "coloring"
-        declared = []
-        for key, used in (("scale", getattr(self, "use_scale", True)),
-                          ("bias", getattr(self, "use_bias", False))):
-            if not used or key not in shapes:
-                declared.append(None)
-                continue
-            name = "coloring" if coloring and key == "scale" else key
-            default = initializers.ones if key == "scale" else initializers.zeros
-            init = getattr(self, f"{name}_init", default)
-            declared.append(self.param(name, init, tuple(shapes[key]), param_dtype))
-        return declared[0], declared[1]
+        declared = {
+            key: self.param(name, init, shape_, param_dtype)
+            for key, name, init, shape_ in param_specs(self, norm, shape)
+        }
+        return declared.get("scale"), declared.get("bias")
+
+
+def stats_dtype(layer: Any) -> Any:
+    """dtype of the running statistics: float32, or ``param_dtype`` when the layer's
+    ``force_float32_reductions`` is False."""
+    if getattr(layer, "force_float32_reductions", True):
+        return jnp.float32
+    return getattr(layer, "param_dtype", jnp.float32)
+
+
+def param_specs(layer: Any, norm: Normalizer, shape: Sequence[int]) -> list[tuple]:
+    """``[(key, name, init, shape)]``: the params a layer declares, in flax's order.
+
+    ``key`` is ``"scale"`` or ``"bias"`` (the engine's argument); ``name`` the variable's name
+    (``"coloring"`` for the scale of a coloring recovery); ``init`` the layer's
+    ``{name}_init`` field (ones / zeros by default). A param is declared when the layer's
+    ``use_scale`` (default True) / ``use_bias`` (default False) says so and the recovery has it.
+    Shared by the linen and NNX bases, so both declare the same variables.
+    """
+    shapes = norm.param_shapes(tuple(shape))
+    coloring = norm.recovery == "coloring"
+    specs = []
+    for key, used in (("scale", getattr(layer, "use_scale", True)),
+                      ("bias", getattr(layer, "use_bias", False))):
+        if not used or key not in shapes:
+            continue
+        name = "coloring" if coloring and key == "scale" else key
+        default = initializers.ones if key == "scale" else initializers.zeros
+        specs.append((key, name, getattr(layer, f"{name}_init", default), tuple(shapes[key])))
+    return specs
 
 
 class WithRunningAverage(Normalization):
