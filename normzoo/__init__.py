@@ -3,7 +3,7 @@
 * :mod:`normzoo.functional`: pure functions with explicit running statistics, and the
   engine they are points of (area x operation x recovery x estimator);
 * the layers below: Flax linen modules (:mod:`normzoo.linen`), drop-in for flax.linen's where
-  flax has the layer;
+  flax has the layer; their Flax NNX twins are in :mod:`normzoo.nnx` (``import normzoo.nnx``);
 * :mod:`normzoo.registry`: pick a layer by name (``"bn"``, ``"ln"``, ...);
 * :mod:`normzoo.backends.cpu`: opt-in hand-written CPU kernels (off unless enabled).
 """
