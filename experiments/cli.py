@@ -15,6 +15,7 @@ from experiments.common import Context, Options, SuiteReport
 from experiments.data import DATASETS, DataNotFoundError
 from experiments.report import write_reports
 from experiments.suites import SUITES
+from normzoo.registry import APIS
 
 
 def _seeds(text: str) -> list[int]:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="learning rate (suites that sweep it ignore this)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default=None)
     p.add_argument("--model", choices=["mlp", "cnn", "resnet"], default=None)
+    p.add_argument("--api", choices=list(APIS), default="linen",
+                   help="Flax API the models are built in: linen (default) or nnx (normzoo.nnx layers; "
+                        "same numbers for the same seed)")
     p.add_argument("--width", type=int, default=None, help="hidden width (MLP) or base channels (CNN/ResNet)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (MLP) or blocks (CNN/ResNet)")
     p.add_argument("--train-size", type=int, default=None, help="training pool size (train + validation)")
@@ -114,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Options(
             out=root / name if args.suite == "all" else root, quick=args.quick, dataset=args.dataset,
             data_dir=args.data_dir, norms=args.norms, seeds=args.seeds, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, model=args.model, width=args.width,
-            depth=args.depth, train_size=args.train_size, norm_overrides=args.norm_overrides,
+            batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, model=args.model, api=args.api,
+            width=args.width, depth=args.depth, train_size=args.train_size, norm_overrides=args.norm_overrides,
             progress=not args.no_progress and not parallel, force=args.force, checkpoint_every=args.checkpoint_every,
         )
 

@@ -28,7 +28,11 @@ CACHE_VERSION = 1
 
 @dataclasses.dataclass
 class Options:
-    """Command-line options shared by every suite. ``None`` means "the suite's default"."""
+    """Command-line options shared by every suite. ``None`` means "the suite's default".
+
+    ``api``: ``linen`` or ``nnx``, the Flax API every model of the suite is built in
+    (:func:`experiments.models.build_model`); both give the same numbers for the same seed.
+    """
 
     out: Path
     quick: bool = False
@@ -41,6 +45,7 @@ class Options:
     lr: float | None = None
     optimizer: str | None = None
     model: str | None = None
+    api: str = "linen"
     width: int | None = None
     depth: int | None = None
     train_size: int | None = None
@@ -156,6 +161,7 @@ class Context:
             if v is not None and k in s:
                 s[k] = v
         s["quick"] = o.quick
+        s["api"] = o.api
         return s
 
     def data(self, name: str, **kw: Any) -> Dataset:
@@ -198,7 +204,7 @@ class Context:
             for i, job, job_id in todo:
                 if bar is not None:
                     bar.set_postfix_str(job.name)
-                model = cached_model(num_classes=data.num_classes, **job.model)
+                model = self.model(num_classes=data.num_classes, **job.model)
                 res = train_job(
                     model,
                     job.spec,
@@ -234,18 +240,23 @@ class Context:
         self.write_metrics([r for r in results if r is not None])
         return [r for r in results if r is not None]
 
+    def model(self, **kwargs: Any) -> Any:
+        """:func:`cached_model` in this run's API (``--api``)."""
+        return cached_model(api=self.options.api, **kwargs)
+
     def job_id(self, job: Job, data: Dataset) -> str:
-        return config_hash(
-            {
-                "v": CACHE_VERSION,
-                "suite": self.suite,
-                "data": [data.name, data.sizes(), float(np.asarray(data.x_train[:64]).sum())],
-                "model": job.model,
-                "spec": dataclasses.asdict(job.spec),
-                "runs": [dataclasses.asdict(r) for r in job.runs],
-                "hook": job.hook_id,
-            }
-        )
+        key = {
+            "v": CACHE_VERSION,
+            "suite": self.suite,
+            "data": [data.name, data.sizes(), float(np.asarray(data.x_train[:64]).sum())],
+            "model": job.model,
+            "spec": dataclasses.asdict(job.spec),
+            "runs": [dataclasses.asdict(r) for r in job.runs],
+            "hook": job.hook_id,
+        }
+        if self.options.api != "linen":  # Linen jobs keep the keys they had before --api existed
+            key["api"] = self.options.api
+        return config_hash(key)
 
     def _progress(self, total: int, cached: int) -> Any:
         if not self.options.progress or total == 0:

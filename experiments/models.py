@@ -7,6 +7,8 @@
   images ``(N, H, W, C)`` and sequences ``(N, L, C)`` alike.
 * :class:`ResNet` - a small pre-pool ResNet of basic blocks ``conv-norm-act-conv-norm (+skip)``.
 
+Their Flax NNX versions (``--api nnx``) are in :mod:`experiments.nnx_models`.
+
 Normalizers are generic: each one is ``registry.make(name, use_running_average=not train, **kw)``
 and the models never special-case BatchNorm; whether a layer keeps running statistics is the
 registry's business (``registry.is_stateful``), and they land in the ``batch_stats`` collection.
@@ -260,10 +262,22 @@ def build_model(
     norm_overrides: Overrides = (),
     activation: str = "relu",
     dropout: bool = False,
-) -> nn.Module:
+    api: str = "linen",
+) -> Any:
     """Build a model by kind: ``mlp`` (``depth`` hidden layers of ``width``), ``cnn``
     (``depth`` conv blocks of ``width`` channels, doubled at the second half) or ``resnet``
-    (``depth`` basic blocks)."""
+    (``depth`` basic blocks).
+
+    ``api="nnx"`` builds the Flax NNX version instead, an
+    :class:`experiments.nnx_models.NNXModel` with the same ``apply`` signature (same numbers)."""
+    if api not in registry.APIS:
+        raise ValueError(f"api={api!r} is unknown; expected one of {list(registry.APIS)}")
+    if api == "nnx":
+        from experiments.nnx_models import build_nnx_model  # imports this module
+
+        return build_nnx_model(kind, num_classes=num_classes, width=width, depth=depth, norm=norm,
+                               norm_position=norm_position, norm_overrides=norm_overrides,
+                               activation=activation, dropout=dropout)
     if kind not in MODELS:
         raise ValueError(f"model={kind!r} is unknown; expected one of {list(MODELS)}")
     if norm_position not in ("before", "after"):

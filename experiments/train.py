@@ -14,6 +14,10 @@ std and dropout rate. Those scalars live inside the train state (the learning ra
   and, every ``checkpoint_every`` seconds, a checkpoint so an interrupted job resumes where it
   stopped with identical numbers.
 
+Both model APIs share this engine: a Linen module, or an NNX model wrapped functionally by
+:class:`experiments.nnx_models.NNXModel` (``apply`` with Linen's signature over the NNX state);
+the NNX state starts from the Linen twin's variables, so both give the same numbers per seed.
+
 Randomness: run ``seed`` gives the init key, the data-order key and the dropout key; they do not
 depend on the other runs in the job, so results do not depend on how runs are grouped, and two
 normalizers compared with the same seed see the same initial draws and the same batches.
@@ -36,6 +40,7 @@ from flax.training import train_state
 
 from experiments.data import Dataset
 from experiments.models import is_norm_param, scale_init
+from experiments.nnx_models import NNXModel
 from experiments.store import atomic_write_bytes, atomic_write_json, read_json
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -167,9 +172,13 @@ def draw_kernels(template: Any, seed: int) -> Any:
     return jax.tree_util.tree_map_with_path(draw, template)
 
 
-def create_state(model: nn.Module, spec: TrainSpec, variables: dict[str, Any], run: dict[str, jax.Array]) -> TrainState:
+def create_state(model: Any, spec: TrainSpec, variables: dict[str, Any], run: dict[str, jax.Array]) -> TrainState:
     """Build one run's state from its variables (kernels N(0, 1), rescaled here per ``spec.init``)
-    and its scalars ``run`` (fields of :class:`Run`, possibly traced under ``vmap``)."""
+    and its scalars ``run`` (fields of :class:`Run`, possibly traced under ``vmap``).
+
+    ``apply_fn`` is ``model.apply``: Linen's, or for an NNX model the functional
+    :meth:`~experiments.nnx_models.NNXModel.apply` (``nnx.merge`` of the state, call, new
+    ``nnx.BatchStat`` state), so one train step, optimizer and evaluation serve both APIs."""
     params = scale_init(variables["params"], spec.init, run["init_std"])
     l2_mode = spec.weight_decay_mode == "l2" and spec.optimizer != "adamw"
     state = TrainState.create(
@@ -191,10 +200,17 @@ def create_state(model: nn.Module, spec: TrainSpec, variables: dict[str, Any], r
     return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
 
-def init_states(model: nn.Module, spec: TrainSpec, sample_x: np.ndarray, runs: Sequence[Run]) -> TrainState:
-    """Stacked states of ``runs`` (leading axis ``K = len(runs)``)."""
-    template = init_variables(model, jnp.asarray(sample_x))
+def init_states(model: Any, spec: TrainSpec, sample_x: np.ndarray, runs: Sequence[Run]) -> TrainState:
+    """Stacked states of ``runs`` (leading axis ``K = len(runs)``).
+
+    An NNX model (:class:`~experiments.nnx_models.NNXModel`) starts from the variables its Linen
+    twin would start from (same template, same kernel draws), copied into its NNX state, so both
+    APIs train from identical values."""
+    nnx_model = isinstance(model, NNXModel)
+    template = init_variables(model.linen if nnx_model else model, jnp.asarray(sample_x))
     per_run = [{**template, "params": draw_kernels(template["params"], r.seed)} for r in runs]
+    if nnx_model:
+        per_run = [jax.device_get(model.from_linen(v, sample_x.shape[1:])) for v in per_run]
     stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *per_run)
     build = jax.vmap(lambda v, r: create_state(model, spec, v, r))
     return build(stacked, _stack_runs(runs))
@@ -355,7 +371,7 @@ def _stack_runs(runs: Sequence[Run]) -> dict[str, jax.Array]:
 
 
 def train_job(
-    model: nn.Module,
+    model: Any,
     spec: TrainSpec,
     data: Dataset,
     runs: Sequence[Run],
@@ -370,7 +386,8 @@ def train_job(
     """Train ``runs`` of ``model`` jointly (vmapped) and record per-epoch metrics.
 
     Args:
-      model: a Flax module called as ``model(x, train=..., dropout_rate=...)``.
+      model: a Linen module called as ``model(x, train=..., dropout_rate=...)``, or an
+        :class:`~experiments.nnx_models.NNXModel` (``build_model(..., api="nnx")``).
       spec: static training settings.
       data: the dataset; the test split is evaluated and recorded, never used to select.
       runs: per-run scalars.

@@ -13,6 +13,7 @@ import os as _os
 from normzoo import functional
 from normzoo.linen import (
     BatchNorm,
+    BatchRenorm,
     Centering,
     CholeskyWhitening,
     DecorrelatedBatchNorm,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "Centering",
     "CholeskyWhitening",
     "DecorrelatedBatchNorm",

@@ -22,6 +22,7 @@ from flax import nnx
 
 from normzoo.linen import (
     BatchNorm,
+    BatchRenorm,
     Centering,
     CholeskyWhitening,
     DecorrelatedBatchNorm,
@@ -141,6 +142,8 @@ def nnx_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
 
 register("none", Identity, stateful=False, description="no normalization (identity)")
 register("bn", BatchNorm, stateful=True, description="BatchNorm (Ioffe & Szegedy 2015)")
+register("brn", BatchRenorm, stateful=True,
+         description="Batch Renorm: r_max 3, d_max 5 (Ioffe 2017)")
 register("ln", LayerNorm, stateful=False, description="LayerNorm (Ba et al. 2016)")
 register("gn", GroupNorm, stateful=False, description="GroupNorm (Wu & He 2018)")
 register("in", InstanceNorm, stateful=False, description="InstanceNorm (Ulyanov et al. 2016)")

@@ -102,6 +102,28 @@ def batch_norm(x, gamma=None, beta=None, *, eps=1e-5, axis=-1, mean=None, var=No
     return affine((x - mu) / np.sqrt(v + eps), gamma, beta)
 
 
+def batch_renorm(x, mean, var, r_max, d_max, gamma=None, beta=None, *, eps=1e-5):
+    """Batch renormalization in training (Ioffe 2017, Alg. 1), x (N, C) with running
+    ``mean``, ``var`` (C,): ``y = gamma ((x - mu_B) / sigma_B * r + d) + beta``,
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, +-d_max)``,
+    ``sigma_B = sqrt(var_B + eps)``, ``sigma = sqrt(var + eps)``. Returns y, r, d."""
+    x = as64(x)
+    mu_b, v_b = x.mean(0), x.var(0)
+    sigma_b, sigma = np.sqrt(v_b + eps), np.sqrt(as64(var) + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - as64(mean)) / sigma, -d_max, d_max)
+    return affine((x - mu_b) / sigma_b * r + d, gamma, beta), r, d
+
+
+def ghost_batch_norm(x, k, gamma=None, beta=None, *, eps=1e-5):
+    """Ghost batch normalization (Hoffer et al. 2017), x (N, C): BN of each chunk of ``k``
+    samples; returns y and the chunks' average mean and variance."""
+    x = as64(x)
+    chunks = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    y = np.concatenate([batch_norm(c, gamma, beta, eps=eps) for c in chunks])
+    return y, chunks.mean(1).mean(0), chunks.var(1).mean(0)
+
+
 def layer_norm(x, gamma=None, beta=None, *, eps=1e-6, axes=-1, mask=None):
     """Layer normalization (Ba, Kiros & Hinton 2016): standardize each sample over ``axes``."""
     return affine(standardize(x, axes, eps, mask), gamma, beta)

@@ -40,7 +40,8 @@ DEFAULTS = dict(
 QUICK = dict(epochs=4, seeds=2, momenta=[0.9, 0.999])
 
 
-def make_after(model_kw: dict[str, Any], pop_overrides: Any, data: Dataset, batch: int, num_classes: int):
+def make_after(model_kw: dict[str, Any], pop_overrides: Any, data: Dataset, batch: int, num_classes: int,
+               api: str = "linen"):
     """The post-training hook: test accuracy of every run under each inference estimator."""
 
     def after(states: TrainState) -> list[dict[str, Any]]:
@@ -50,7 +51,7 @@ def make_after(model_kw: dict[str, Any], pop_overrides: Any, data: Dataset, batc
         _, batch_full = evaluate(make_eval_fn(True), states, xt, yt, len(yt), drop_remainder=True)
         out = {"running": running, "batch-B": batch_b, "batch-full": batch_full}
         if pop_overrides is not None:
-            pop_model = cached_model(num_classes=num_classes, **{**model_kw, "norm_overrides": pop_overrides})
+            pop_model = cached_model(num_classes=num_classes, api=api, **{**model_kw, "norm_overrides": pop_overrides})
 
             def estimate(state: TrainState, x: jax.Array) -> Any:
                 _, upd = pop_model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
@@ -95,7 +96,7 @@ def run(ctx: Context) -> SuiteReport:
                          norm_overrides=ov)
             jobs.append(Job(name=f"{n} momentum={m}", model=model, spec=spec,
                             runs=[Run(seed=x, lr=s["lr"]) for x in seed_list(s)], meta={"norm": n, "momentum": m},
-                            after=make_after(model, pop, data, s["batch_size"], data.num_classes),
+                            after=make_after(model, pop, data, s["batch_size"], data.num_classes, ctx.options.api),
                             hook_id="estimators-v1"))
     results = ctx.run_jobs(jobs, data)
 

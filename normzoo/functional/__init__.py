@@ -22,6 +22,8 @@ from normzoo.functional.estimators import (
     DebiasedEMA,
     Estimator,
     Population,
+    Renorm,
+    renorm_warmup,
 )
 from normzoo.functional.moments import combine_across_devices, moments
 from normzoo.functional.operations import (
@@ -37,8 +39,10 @@ from normzoo.functional.operations import (
 )
 from normzoo.functional.presets import (
     batch_norm,
+    batch_renorm,
     center,
     group_norm,
+    init_batch_renorm_stats,
     instance_norm,
     layer_norm,
     normalize,
@@ -71,6 +75,7 @@ __all__ = [
     "OPERATIONS",
     "Population",
     "Reduction",
+    "Renorm",
     "SCALE",
     "STANDARDIZE",
     "STATISTICS",
@@ -80,6 +85,7 @@ __all__ = [
     "apply_statistics",
     "area",
     "batch_norm",
+    "batch_renorm",
     "canonicalize_axes",
     "center",
     "combine_across_devices",
@@ -87,12 +93,14 @@ __all__ = [
     "covariance",
     "ema",
     "group_norm",
+    "init_batch_renorm_stats",
     "init_batch_stats",
     "init_whitening_stats",
     "instance_norm",
     "layer_norm",
     "moments",
     "normalize",
+    "renorm_warmup",
     "resolve_num_groups",
     "rms_norm",
     "scale",

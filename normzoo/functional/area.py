@@ -85,6 +85,8 @@ class Area:
         for ``group`` it must include the channel axis); ``axes``: the span itself.
       num_groups, group_size: ``group``: exactly one of them (flax.linen.GroupNorm's rule).
       feature_name: how errors name ``feature_axes`` (``"axis"`` for BatchNorm's field).
+      virtual_batch_size: ``batch``: statistics per chunk of this many samples (ghost batch
+        normalization, Hoffer et al. 2017); None: the whole batch.
     """
 
     kind: str = "batch"
@@ -93,9 +95,18 @@ class Area:
     num_groups: int | None = None
     group_size: int | None = None
     feature_name: str = "feature_axes"
+    virtual_batch_size: int | None = None
 
     def __post_init__(self):
         check_area(self.kind)
+        k = self.virtual_batch_size
+        if k is None:
+            return
+        if self.kind != "batch":
+            raise ValueError(f"virtual_batch_size={k!r} needs area 'batch'; got {self.kind!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"virtual_batch_size={k!r} must be a positive int (samples per "
+                             "chunk) or None")
 
     def resolve(self, shape: Sequence[int]) -> Resolved:
         """The canonical axes for an input of ``shape``; ValueError where they do not fit."""
@@ -155,9 +166,10 @@ class Area:
         return resolved(tuple(a for a in axes if a != channel), features, groups, channel)
 
 
-def batch(axis: Axes = -1) -> Area:
-    """Statistics over every axis but ``axis`` (BatchNorm's area)."""
-    return Area("batch", axis, feature_name="axis")
+def batch(axis: Axes = -1, virtual_batch_size: int | None = None) -> Area:
+    """Statistics over every axis but ``axis`` (BatchNorm's area); with
+    ``virtual_batch_size``, per chunk of that many samples (ghost batches)."""
+    return Area("batch", axis, feature_name="axis", virtual_batch_size=virtual_batch_size)
 
 
 def layer(reduction_axes: Axes | None = None, feature_axes: Axes = -1) -> Area:

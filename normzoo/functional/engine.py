@@ -161,10 +161,59 @@ class Normalizer:
         if estimator.running and (not train or estimator.normalizes_with_running):
             given = estimator.inference(stats)
             return op.normalize_given(x, given, resolved, reduction, scale, bias, **recovery), stats
+        if self.area.virtual_batch_size is not None:
+            return self._ghost(x, stats, scale, bias, mask, resolved)
+        if estimator.running and estimator.corrects_batch:
+            batch = op.statistics(x, resolved, reduction, mask)
+            given = estimator.correct(stats, batch, reduction.epsilon)
+            y = op.normalize_given(x, given, resolved, reduction, scale, bias, **recovery)
+            return y, estimator.update(stats, batch)
         y, batch = op.normalize(x, resolved, reduction, scale, bias, mask, **recovery)
         if not estimator.running:
             return y, None
         return y, estimator.update(stats, batch)
+
+    def _ghost(self, x, stats, scale, bias, mask, resolved: Resolved):
+        """Training with ghost batches (Hoffer et al. 2017): each chunk of
+        ``virtual_batch_size`` samples normalized with its own statistics, exactly as this
+        normalizer applied to each chunk alone; the running statistics are updated once,
+        with the chunks' average.
+
+        Chunk statistics stay on each device (``axis_name`` does not join them: that is the
+        point of ghost batches); with ``axis_name`` the chunks' average, and so the running
+        statistics, are averaged over the devices too.
+        """
+        op, estimator, reduction = self.operation, self.estimator, self.reduction
+        k = self.area.virtual_batch_size
+        n = x.shape[0]
+        if n % k:
+            raise ValueError(f"virtual_batch_size={k} must divide the batch: an input of shape "
+                             f"{x.shape} has {n} samples")
+        if not hasattr(op, "keys") or op.name not in ("center", "scale", "standardize"):
+            raise ValueError(f"virtual_batch_size works with center, scale and standardize; "
+                             f"operation={op.name!r}")
+        chunks = (n // k, k) + x.shape[1:]
+        xg = jnp.reshape(x, chunks)
+        inner = Area("axes", (0,) + tuple(a + 1 for a in resolved.feature_axes),
+                     tuple(a + 1 for a in resolved.reduction_axes)).resolve(chunks)
+        local = dataclasses.replace(reduction, axis_name=None, axis_index_groups=None)
+        per_chunk = [None if p is None else jnp.broadcast_to(p, (n // k,) + jnp.shape(p))
+                     for p in (scale, bias)]
+        mask_g = None if mask is None else jnp.reshape(jnp.broadcast_to(mask, x.shape), chunks)
+        if estimator.running and estimator.corrects_batch:
+            batch = op.statistics(xg, inner, local, mask_g)
+            given = estimator.correct(stats, batch, reduction.epsilon)
+            y = op.normalize_given(xg, given, inner, local, *per_chunk, recovery=self.recovery)
+        else:
+            y, batch = op.normalize(xg, inner, local, *per_chunk, mask_g, recovery=self.recovery)
+        y = jnp.reshape(y, x.shape)
+        if not estimator.running:
+            return y, None
+        average = {key: jnp.mean(v, axis=0) for key, v in batch.items()}
+        if reduction.axis_name is not None:
+            average = jax.lax.pmean(average, reduction.axis_name,
+                                    axis_index_groups=reduction.axis_index_groups)
+        return y, estimator.update(stats, average)
 
     # ----------------------------------------------------------------- checks
     def _check_params(self, scale, bias, resolved: Resolved) -> None:

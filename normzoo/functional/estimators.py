@@ -25,9 +25,9 @@ biased early on). ``Cumulative`` is ``momentum=None`` of PyTorch's BatchNorm.
 statistic of the batch is not finite (a NaN or inf batch, a diverging step), so one bad
 batch cannot poison inference. Off by default, so ``EMA`` equals flax.linen exactly.
 
-Batch Renorm (Ioffe 2017) fits here too: its estimator also corrects the batch statistics
-used in training; the hook is :meth:`Estimator.normalizes_with_running` and the engine's
-general path (statistics, then normalization with given statistics).
+Batch Renorm (Ioffe 2017) is an estimator too (:class:`Renorm`): an EMA whose training
+step also corrects the batch statistics it normalizes with (:meth:`Estimator.correct`, the
+engine's general path: statistics, then normalization with given statistics).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class Estimator:
     normalizes_with_running: ClassVar[bool] = False
     #: Whether the state carries :data:`COUNT`.
     counts: ClassVar[bool] = False
+    #: Whether training normalizes with :meth:`correct` of the batch statistics.
+    corrects_batch: ClassVar[bool] = False
 
     skip_nonfinite: bool = dataclasses.field(default=False, kw_only=True)
 
@@ -84,6 +86,11 @@ class Estimator:
     def inference(self, running: Stats) -> Stats:
         """The statistics inference normalizes with (the operation's keys)."""
         return {k: v for k, v in running.items() if k != COUNT}
+
+    def correct(self, running: Stats, batch: Stats, epsilon: float) -> Stats:
+        """The statistics training normalizes with, from this batch's (when
+        :attr:`corrects_batch`); ``batch`` may carry leading chunk axes (ghost batches)."""
+        return batch
 
 
 def _mix(running: Array, batch: Array, w: Any) -> Array:
@@ -156,6 +163,96 @@ class Population(Estimator):
         return running
 
 
+@dataclasses.dataclass(frozen=True)
+class Renorm(EMA):
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275): BatchNorm's EMA, and in
+    training the batch statistics corrected towards the running ones.
+
+    With ``sigma = sqrt(var + eps)`` (running) and ``sigma_B = sqrt(var_B + eps)`` (batch),
+    ``r = sg(clip(sigma_B / sigma, 1 / r_max, r_max))`` and
+    ``d = sg(clip((mu_B - mu) / sigma, -d_max, d_max))`` (``sg``: stop_gradient), training
+    computes ``(x - mu_B) / sigma_B * r + d``; inference uses the running statistics as
+    BatchNorm. ``r_max = 1, d_max = 0`` is BatchNorm. ``r_max`` / ``d_max`` are numbers or
+    schedules ``f(step) -> value`` of the update count kept in ``count`` (see
+    :func:`renorm_warmup`, the paper's).
+
+    The correction is given to the engine as statistics: ``mean' = mu_B - d sigma_B / r`` and
+    ``var' = sigma_B^2 / r^2 - eps`` normalize to exactly the expression above, and the
+    gradient flows through ``mu_B`` and ``sigma_B`` with ``r`` and ``d`` held constant, as the
+    paper's.
+    """
+
+    counts: ClassVar[bool] = True
+    corrects_batch: ClassVar[bool] = True
+    r_max: Any = 3.0
+    d_max: Any = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("r_max", "d_max"):
+            value = getattr(self, name)
+            if callable(value):
+                continue
+            low = 1.0 if name == "r_max" else 0.0
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ValueError(f"{name}={value!r} must be a number >= {low:g} or a schedule "
+                                 "f(step) -> value")
+
+    def update(self, running: Stats, batch: Stats) -> Stats:
+        if self.skip_nonfinite:
+            return Estimator.update(self, running, batch)
+        new = EMA.update(self, running, batch)
+        new[COUNT] = running[COUNT] + 1
+        return new
+
+    def correct(self, running: Stats, batch: Stats, epsilon: float) -> Stats:
+        if set(batch) != {"mean", "var"}:
+            raise ValueError(f"Batch Renorm corrects a mean and a variance (operation "
+                             f"'standardize'); got statistics {sorted(batch)}")
+        step = running[COUNT]
+        r_max = jnp.asarray(_at(self.r_max, step), jnp.float32)
+        d_max = jnp.asarray(_at(self.d_max, step), jnp.float32)
+        sigma = jnp.sqrt(running["var"] + epsilon)
+        sigma_b = jnp.sqrt(batch["var"] + epsilon)
+        r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / r_max, r_max))
+        d = jax.lax.stop_gradient(
+            jnp.clip((batch["mean"] - running["mean"]) / sigma, -d_max, d_max))
+        return {"mean": batch["mean"] - d * sigma_b / r,
+                "var": (batch["var"] + epsilon) / (r * r) - epsilon}
+
+
+def _at(value: Any, step: Array) -> Any:
+    """A number, or a schedule's value at ``step``."""
+    return value(step) if callable(value) else value
+
+
+def renorm_warmup(start: float, end: float, begin: int, until: int):
+    """``f(step)``: ``start`` until step ``begin``, then linear to ``end`` at step ``until``.
+
+    The paper's schedules (Ioffe 2017, section 4): ``r_max = renorm_warmup(1, 3, 5000,
+    40000)``, ``d_max = renorm_warmup(0, 5, 5000, 25000)``.
+    """
+    if not 0 <= begin < until:
+        raise ValueError(f"renorm_warmup needs 0 <= begin < until; got begin={begin!r}, "
+                         f"until={until!r}")
+    return _Warmup(float(start), float(end), int(begin), int(until))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Warmup:
+    """A hashable linear warm-up (module fields must be hashable)."""
+
+    start: float
+    end: float
+    begin: int
+    until: int
+
+    def __call__(self, step: Array) -> Array:
+        t = jnp.clip((jnp.asarray(step, jnp.float32) - self.begin) / (self.until - self.begin),
+                     0.0, 1.0)
+        return self.start + t * (self.end - self.start)
+
+
 #: Names of the estimators, as layers' ``estimator=`` fields take them.
 ESTIMATORS = {
     "batch": BatchOnly,
@@ -163,6 +260,7 @@ ESTIMATORS = {
     "debiased_ema": DebiasedEMA,
     "cumulative": Cumulative,
     "population": Population,
+    "renorm": Renorm,
 }
 
 

@@ -20,7 +20,7 @@ are the reduction options (:class:`~normzoo.functional.reduction.Reduction`: ``a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -28,9 +28,10 @@ from normzoo.functional import area as areas
 from normzoo.functional.axes import Axes
 from normzoo.functional.covariance import HIGHEST
 from normzoo.functional.engine import Normalizer
-from normzoo.functional.estimators import EMA, BatchOnly, Estimator, make_estimator
+from normzoo.functional.estimators import EMA, BatchOnly, Estimator, Renorm, make_estimator
 from normzoo.functional.operations import SCALE, STANDARDIZE, Moments
 from normzoo.functional.reduction import Reduction
+from normzoo.functional.running import init_batch_stats
 from normzoo.functional.whitening import Whiten
 
 Array = jax.Array
@@ -69,7 +70,8 @@ def standardize(
 def batch_norm(
     x: Array, stats: Stats, scale: Array | None = None, bias: Array | None = None, *,
     axis: Axes = -1, train: bool = True, momentum: float = 0.99, epsilon: float = 1e-5,
-    mask: Array | None = None, skip_nonfinite: bool = False, **options: Any,
+    mask: Array | None = None, skip_nonfinite: bool = False,
+    virtual_batch_size: int | None = None, **options: Any,
 ) -> tuple[Array, Stats]:
     """Batch normalization (Ioffe & Szegedy, ICML 2015, arXiv 1502.03167).
 
@@ -83,13 +85,49 @@ def batch_norm(
       scale, bias: optional (C,) params.
       mask: optional bool, broadcastable to x: which elements count in the statistics.
       skip_nonfinite: keep ``stats`` when the batch's statistics are not finite.
+      virtual_batch_size: ghost batches (Hoffer et al. 2017): statistics per chunk of this
+        many samples, the running ones from the chunks' average (must divide N).
 
     Returns:
       ``(y, new_stats)``; ``new_stats`` is ``stats`` at inference or for an empty batch.
     """
-    norm = Normalizer(areas.batch(axis), STANDARDIZE, "affine",
+    norm = Normalizer(areas.batch(axis, virtual_batch_size), STANDARDIZE, "affine",
                       EMA(momentum, skip_nonfinite=skip_nonfinite), Reduction(epsilon, **options))
     return norm.apply(x, stats, scale, bias, train=train, mask=mask)
+
+
+def batch_renorm(
+    x: Array, stats: Stats, scale: Array | None = None, bias: Array | None = None, *,
+    axis: Axes = -1, train: bool = True, momentum: float = 0.99, epsilon: float = 1e-5,
+    r_max: Any = 3.0, d_max: Any = 5.0, mask: Array | None = None,
+    skip_nonfinite: bool = False, virtual_batch_size: int | None = None, **options: Any,
+) -> tuple[Array, Stats]:
+    """Batch renormalization (Ioffe, NeurIPS 2017, arXiv 1702.03275).
+
+    Training: ``y = ((x - mu_B) / sigma_B * r + d) * scale + bias`` with
+    ``r = sg(clip(sigma_B / sigma, 1/r_max, r_max))``, ``d = sg(clip((mu_B - mu) / sigma,
+    -d_max, d_max))`` from the running ``mu``, ``sigma = sqrt(var + eps)``; inference and the
+    running statistics as :func:`batch_norm`. ``r_max``, ``d_max``: numbers or schedules of
+    the step ``count`` (:func:`~normzoo.functional.estimators.renorm_warmup`).
+
+    Args:
+      stats: ``{"mean": (C,), "var": (C,), "count": ()}`` (``Normalizer.init_stats`` or
+        :func:`init_batch_renorm_stats`).
+
+    Returns:
+      ``(y, new_stats)``.
+    """
+    norm = Normalizer(
+        areas.batch(axis, virtual_batch_size), STANDARDIZE, "affine",
+        Renorm(momentum, r_max=r_max, d_max=d_max, skip_nonfinite=skip_nonfinite),
+        Reduction(epsilon, **options))
+    return norm.apply(x, stats, scale, bias, train=train, mask=mask)
+
+
+def init_batch_renorm_stats(feature_shape: Sequence[int] | int) -> Stats:
+    """``{"mean": zeros, "var": ones, "count": 0}``: Batch Renorm's initial running statistics
+    (``init_batch_stats(feature_shape)`` and the step count)."""
+    return Renorm().init(init_batch_stats(feature_shape))
 
 
 def layer_norm(

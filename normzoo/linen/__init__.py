@@ -1,7 +1,14 @@
 """normzoo.linen: Flax linen layers, each its fields and a Normalizer (:mod:`normzoo.linen.base`)."""
 
 from normzoo.linen.base import Normalization, Stateless, WithRunningAverage
-from normzoo.linen.standard import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo.linen.standard import (
+    BatchNorm,
+    BatchRenorm,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    RMSNorm,
+)
 from normzoo.linen.taxonomy import Centering, Scaling, Standardization
 from normzoo.linen.whitening import (
     CholeskyWhitening,
@@ -14,6 +21,7 @@ from normzoo.linen.whitening import (
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "Centering",
     "CholeskyWhitening",
     "DecorrelatedBatchNorm",

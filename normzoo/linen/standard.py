@@ -23,7 +23,7 @@ from jax.nn import initializers
 from normzoo.functional import area
 from normzoo.functional.axes import Axes
 from normzoo.functional.engine import Normalizer
-from normzoo.functional.estimators import EMA
+from normzoo.functional.estimators import EMA, Renorm
 from normzoo.functional.operations import SCALE, STANDARDIZE
 from normzoo.linen.base import Stateless, WithRunningAverage
 
@@ -48,6 +48,10 @@ class BatchNorm(WithRunningAverage):
       axis_name, axis_index_groups: also reduce over this named (vmap/shard_map/pmap) axis.
       use_fast_variance: one pass over x (shifted, accurate) instead of two.
       force_float32_reductions: statistics and ``batch_stats`` in float32 at least.
+      virtual_batch_size: ghost batches (Hoffer et al. 2017): in training, statistics per
+        chunk of this many samples (it must divide the batch), the running ones from the
+        chunks' average; with ``axis_name`` chunks stay per device and only the running
+        statistics are averaged over devices. None (default): the whole batch, as flax.
 
     Variables: ``params``: ``scale``, ``bias`` (C...); ``batch_stats``: ``mean``, ``var`` (C...),
     float32.
@@ -67,9 +71,38 @@ class BatchNorm(WithRunningAverage):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    virtual_batch_size: int | None = None
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
-        return Normalizer(area.batch(self.axis), STANDARDIZE, "affine", EMA(self.momentum),
+        return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
+                          EMA(self.momentum), self.reduction())
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017, arXiv 1702.03275): BatchNorm whose training step
+    corrects the batch statistics towards the running ones (flax has no such layer).
+
+    Training: ``y = ((x - mu_B) / sigma_B * r + d) * scale + bias``,
+    ``r = sg(clip(sigma_B / sigma, 1/r_max, r_max))``, ``d = sg(clip((mu_B - mu) / sigma,
+    -d_max, d_max))``, ``sigma = sqrt(var + epsilon)`` of the running statistics; inference
+    and running statistics as :class:`BatchNorm` (all of whose fields it has).
+    ``r_max = 1, d_max = 0`` is BatchNorm.
+
+    Attributes:
+      r_max, d_max: clipping bounds, numbers or schedules ``f(step)``; the paper's warm-up is
+        ``normzoo.functional.renorm_warmup(1, 3, 5000, 40000)`` and
+        ``renorm_warmup(0, 5, 5000, 25000)``.
+
+    Variables: as BatchNorm, plus ``batch_stats`` ``count`` (int32: the training steps, the
+    schedules' argument).
+    """
+
+    r_max: Any = 3.0
+    d_max: Any = 5.0
+
+    def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
+                          Renorm(self.momentum, r_max=self.r_max, d_max=self.d_max),
                           self.reduction())
 
 

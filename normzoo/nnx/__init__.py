@@ -4,6 +4,7 @@ from normzoo.nnx.base import Normalization, Stateless, WithRunningAverage
 from normzoo.nnx.layers import (
     TWINS,
     BatchNorm,
+    BatchRenorm,
     Centering,
     CholeskyWhitening,
     DecorrelatedBatchNorm,
@@ -21,6 +22,7 @@ from normzoo.nnx.layers import (
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "Centering",
     "CholeskyWhitening",
     "DecorrelatedBatchNorm",

@@ -198,7 +198,7 @@ class Normalization(nnx.Module):
         if running and train:
             for key in self.stat_names:
                 variable = getattr(self, key)
-                variable[...] = jnp.reshape(new_stats[key], variable.shape)
+                variable.set_value(jnp.reshape(new_stats[key], variable.shape))
         return y
 
     def _value(self, key: str, resolved: Any) -> Array:

@@ -87,7 +87,7 @@ def linen_to_nnx(variables: Mapping[str, Any], model: Any, *,
                 f"{'/'.join(key)} has shape {value.shape} in the Linen variables but "
                 f"{variable.shape} in the NNX model"
             )
-        variable[...] = jnp.reshape(value, variable.shape).astype(variable.dtype)
+        variable.set_value(jnp.reshape(value, variable.shape).astype(variable.dtype))
     extra = sorted("/".join(k) for k in set(flat) - seen)
     if missing or extra:
         raise KeyError(

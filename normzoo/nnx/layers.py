@@ -32,6 +32,13 @@ class BatchNorm(WithRunningAverage, linen=linen.BatchNorm):
     """
 
 
+class BatchRenorm(WithRunningAverage, linen=linen.BatchRenorm):
+    """Batch renormalization (Ioffe 2017); fields as :class:`normzoo.linen.BatchRenorm`.
+
+    Variables: as :class:`BatchNorm`, plus ``count`` (``nnx.BatchStat``, int32).
+    """
+
+
 class LayerNorm(Stateless, linen=linen.LayerNorm):
     """Layer normalization (Ba et al. 2016), drop-in for ``flax.nnx.LayerNorm``.
 
@@ -107,7 +114,7 @@ class DecorrelatedBatchNorm(WithRunningAverage, linen=linen.DecorrelatedBatchNor
 #: Each linen layer class and its NNX twin.
 TWINS: dict[type, type] = {
     cls.linen: cls
-    for cls in (BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, Centering, Scaling,
-                Standardization, Whitening, ZCAWhitening, PCAWhitening, CholeskyWhitening,
-                IterNorm, DecorrelatedBatchNorm)
+    for cls in (BatchNorm, BatchRenorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, Centering,
+                Scaling, Standardization, Whitening, ZCAWhitening, PCAWhitening,
+                CholeskyWhitening, IterNorm, DecorrelatedBatchNorm)
 }
