@@ -75,6 +75,7 @@ def linen_to_nnx(variables: Mapping[str, Any], model: Any, *,
     }
     seen = set()
     missing = []
+    writes = []
     for path, collection, variable in _variables(model):
         key = (collection, *linen_path(path, rename))
         if key not in flat:
@@ -87,13 +88,16 @@ def linen_to_nnx(variables: Mapping[str, Any], model: Any, *,
                 f"{'/'.join(key)} has shape {value.shape} in the Linen variables but "
                 f"{variable.shape} in the NNX model"
             )
-        variable.set_value(jnp.reshape(value, variable.shape).astype(variable.dtype))
+        writes.append((variable, value))
     extra = sorted("/".join(k) for k in set(flat) - seen)
     if missing or extra:
         raise KeyError(
             f"the Linen variables and the NNX model do not match: missing in the Linen "
             f"variables: {missing}; not in the NNX model: {extra} (pass rename= to map paths)"
         )
+    # Every check passed: only now is the model written, so a failed load leaves it as it was.
+    for variable, value in writes:
+        variable.set_value(jnp.reshape(value, variable.shape).astype(variable.dtype))
     return model
 
 
