@@ -71,6 +71,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from normzoo.functional import backend
 from normzoo.functional.moments import reduced_moments
@@ -306,21 +307,57 @@ def normalize_affine(
     return y, layout.squeeze(mean), layout.squeeze(var)
 
 
-@normalize_affine.defjvp
 def _normalize_affine_jvp(
     axes, group_axis, num_groups, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
     primals, tangents,
 ):
-    """The closed-form linearization (or an opt-in backend's, where it takes over)."""
+    """The closed-form linearization (or an opt-in backend's, where it takes over).
+
+    ``tangents`` may hold symbolic zeros (params that are not differentiated). With frozen
+    params, a 16-bit input and a scale that varies within each statistic (LayerNorm), the
+    plain formula's own linearization is used instead (:func:`_plain_jvp`): measured on
+    XLA:CPU, the closed form's matrix-vector sums then make XLA write float32 copies of the
+    full-size 16-bit arrays, and the plain form fuses into fewer passes (for RMSNorm it does
+    not: docs/performance.md).
+    """
     x = primals[0]
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
+    frozen = all(t is None or isinstance(t, SymbolicZero) for t in tangents[1:])
+    if (frozen and centered and group_axis is None and jnp.dtype(x.dtype).itemsize < 4
+            and primals[1] is not None and not _per_channel(primals[1], layout)):
+        return _plain_jvp(layout, options, primals, tangents[0])
+    tangents = tuple(
+        jnp.zeros(t.shape, t.dtype) if isinstance(t, SymbolicZero) else t for t in tangents)
     active = backend.active()
     if active is not None:
         taken = active.linearize_affine(layout, *options, primals, tangents)
         if taken is not None:
             return taken
     return _xla_linearization(layout, *options, primals, tangents)
+
+
+normalize_affine.defjvp(_normalize_affine_jvp, symbolic_zeros=True)
+
+
+def _plain_jvp(layout, options, primals, dx):
+    """The linearization of the plain two-pass formula in x alone (params given, frozen):
+    ``c = x - E[x]``, ``y = c * rsqrt(E[c^2] + eps) * scale + bias``; the same values as the
+    closed form, its variance exact too (two passes)."""
+    _, epsilon, _, stat_dtype, out_dtype = options
+    x, scale_b, bias_b = primals
+
+    def plain(x):
+        xf = x.astype(stat_dtype)
+        mean = layout.mean(xf)
+        c = xf - mean
+        var = layout.mean(c * c)
+        y = c * (layout.to_channel(lax.rsqrt(var + epsilon)) * scale_b)
+        if bias_b is not None:
+            y = y + bias_b
+        return y.astype(out_dtype), layout.squeeze(mean), layout.squeeze(var)
+
+    return jax.jvp(plain, (x,), (dx,))
 
 
 def _xla_linearization(layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,

@@ -240,3 +240,39 @@ def test_computed_once_is_an_exact_linear_identity_through_a_dot():
     assert " dot(" in hlo.compile().as_text()
     with pytest.raises(ValueError, match="at least 2 arrays"):
         computed_once(a)
+
+
+def test_frozen_params_16_bit_layer_norm_gradient_equals_the_closed_form():
+    """With frozen params and a 16-bit input, LayerNorm's jvp takes the plain two-pass
+    formula; its dx equals the closed form's (params differentiated) and the float64
+    truth, also where |mean| >> std."""
+    import normzoo
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(1e3 + 0.1 * rng.standard_normal((8, 64)), jnp.bfloat16)
+    c = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+    layer = normzoo.LayerNorm(dtype=jnp.bfloat16)
+    variables = {"params": {"scale": jnp.asarray(1 + rng.random(64), jnp.float32),
+                            "bias": jnp.asarray(rng.random(64), jnp.float32)}}
+
+    def loss(v, x):
+        return jnp.sum(layer.apply(v, x).astype(jnp.float32) * c)
+
+    dx_frozen = jax.grad(loss, argnums=1)(variables, x)
+    _, dx_closed = jax.grad(loss, argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(np.asarray(dx_frozen, np.float32),
+                               np.asarray(dx_closed, np.float32), rtol=2e-2, atol=2e-2)
+    # the float64 truth of d/dx sum(LN(x) * c) at the same (bf16-exact) x
+    x64 = np.asarray(x, np.float64)
+    g = np.asarray(c, np.float64) * np.asarray(variables["params"]["scale"], np.float64)
+    cen = x64 - x64.mean(1, keepdims=True)
+    r = 1 / np.sqrt((cen**2).mean(1, keepdims=True) + 1e-6)
+    xhat = cen * r
+    truth = r * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+    err = np.abs(np.asarray(dx_frozen, np.float64) - truth).max() / np.abs(truth).max()
+    assert err < 2e-2, err
+    # and the forward values are the same as without differentiation
+    y_jvp = jax.jvp(lambda x: layer.apply(variables, x), (x,), (jnp.ones_like(x),))[0]
+    np.testing.assert_allclose(np.asarray(y_jvp, np.float32),
+                               np.asarray(layer.apply(variables, x), np.float32),
+                               rtol=1e-2, atol=1e-2)
