@@ -26,10 +26,15 @@ from normzoo.linen import (
     Centering,
     CholeskyWhitening,
     DecorrelatedBatchNorm,
+    DyT,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     GroupNorm,
     InstanceNorm,
     IterNorm,
     LayerNorm,
+    LocalResponseNorm,
     PCAWhitening,
     RMSNorm,
     Scaling,
@@ -128,16 +133,19 @@ def make(name: str, *, use_running_average: bool | None = None, api: str = "line
 
 def nnx_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
     """The NNX twin of a linen factory: a layer class, or a ``functools.partial`` of one."""
-    from normzoo.nnx import TWINS  # normzoo.nnx imports normzoo.linen; imported on use
+    # normzoo.nnx imports normzoo.linen: imported on use
+    from normzoo.nnx import ACTIVATION_TWINS, TWINS
+
+    twins = {**TWINS, **ACTIVATION_TWINS}
 
     if factory is Identity:
         return IdentityNNX
     if isinstance(factory, functools.partial):
         return functools.partial(nnx_factory(factory.func), *factory.args, **factory.keywords)
-    if factory not in TWINS:
+    if factory not in twins:
         raise ValueError(f"{factory!r} has no normzoo.nnx twin; register a linen class of "
                          "normzoo.linen (or a functools.partial of one)")
-    return TWINS[factory]
+    return twins[factory]
 
 
 register("none", Identity, stateful=False, description="no normalization (identity)")
@@ -191,3 +199,32 @@ register(
     stateful=True,
     description="Decorrelated BatchNorm: ZCA in groups of 16 (Huang et al. CVPR 2018)",
 )
+register(
+    "frn",
+    FilterResponseNorm,
+    stateful=False,
+    description="FilterResponseNorm + TLU: max(g x / sqrt(E_HW[x^2] + eps) + b, tau) "
+    "(Singh & Krishnan 2020)",
+)
+register(
+    "evonorm_b0",
+    EvoNormB0,
+    stateful=True,
+    description="EvoNorm-B0: x / max(sqrt(var_B + eps), v x + sqrt(var_I + eps)) g + b "
+    "(Liu et al. 2020)",
+)
+register(
+    "evonorm_s0",
+    EvoNormS0,
+    stateful=False,
+    description="EvoNorm-S0: x sigmoid(v x) / sqrt(var_G + eps) g + b, 32 groups (Liu et al. 2020)",
+)
+register(
+    "lrn",
+    functools.partial(LocalResponseNorm, size=5, alpha=5e-4, beta=0.75, k=2.0),
+    stateful=False,
+    description="LocalResponseNorm with AlexNet's n=5, k=2, beta=0.75, alpha=1e-4 (not divided "
+    "by n; PyTorch's alpha 5e-4) (Krizhevsky et al. 2012)",
+)
+register("dyt", DyT, stateful=False,
+         description="Dynamic Tanh: g tanh(alpha x) + b (Zhu et al. CVPR 2025)")

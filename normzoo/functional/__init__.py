@@ -109,3 +109,37 @@ __all__ = [
     "whiten",
     "whitening_matrix",
 ]
+
+from normzoo.functional.activation import (  # noqa: E402
+    dyt,
+    evonorm_b0,
+    evonorm_s0,
+    filter_response_norm,
+    init_evonorm_b0_stats,
+    local_response_norm,
+    tlu,
+)
+from normzoo.functional.weights import (  # noqa: E402
+    centered_weight_norm,
+    init_spectral_u,
+    scaled_weight_standardization,
+    spectral_norm,
+    weight_norm,
+    weight_standardization,
+)
+
+__all__ += [
+    "centered_weight_norm",
+    "dyt",
+    "evonorm_b0",
+    "evonorm_s0",
+    "filter_response_norm",
+    "init_evonorm_b0_stats",
+    "init_spectral_u",
+    "local_response_norm",
+    "scaled_weight_standardization",
+    "spectral_norm",
+    "tlu",
+    "weight_norm",
+    "weight_standardization",
+]

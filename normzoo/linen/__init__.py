@@ -1,6 +1,14 @@
 """normzoo.linen: Flax linen layers, each its fields and a Normalizer (:mod:`normzoo.linen.base`)."""
 
-from normzoo.linen.base import Normalization, Stateless, WithRunningAverage
+from normzoo.linen.activation import (
+    TLU,
+    DyT,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
+    LocalResponseNorm,
+)
+from normzoo.linen.base import Layer, Normalization, Stateless, WithRunningAverage
 from normzoo.linen.standard import (
     BatchNorm,
     BatchRenorm,
@@ -18,8 +26,29 @@ from normzoo.linen.whitening import (
     Whitening,
     ZCAWhitening,
 )
+from normzoo.linen.weights import (
+    CenteredWeightNorm,
+    ScaledWSConv,
+    SpectralNorm,
+    WeightNorm,
+    WSConv,
+    WSDense,
+)
 
 __all__ = [
+    "CenteredWeightNorm",
+    "DyT",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "Layer",
+    "LocalResponseNorm",
+    "ScaledWSConv",
+    "SpectralNorm",
+    "TLU",
+    "WSConv",
+    "WSDense",
+    "WeightNorm",
     "BatchNorm",
     "BatchRenorm",
     "Centering",

@@ -1,11 +1,13 @@
-"""The one NNX base of every normzoo layer: ``nnx.Param`` and ``nnx.BatchStat`` for a Normalizer.
+"""The one NNX base of every normzoo layer: ``nnx.Param`` and ``nnx.BatchStat`` from a linen twin.
 
 An NNX layer is its linen twin's configuration (the same fields with the same defaults and the
-same :meth:`~normzoo.linen.base.Normalization.normalizer`) plus what NNX needs up front:
+same methods of :class:`~normzoo.linen.base.Layer`: ``feature_shape``, ``param_specs``,
+``init_stats``, ``compute``) plus what NNX needs up front:
 ``num_features`` (NNX creates params and statistics in ``__init__``, not at the first call),
 ``rngs`` and flax.nnx's ``promote_dtype`` / ``*_metadata`` arguments. So the two APIs cannot
-drift apart: a layer's configuration is written once, in :mod:`normzoo.linen`, and both bases
-run the same :class:`~normzoo.functional.engine.Normalizer`.
+drift apart: a layer is written once, in :mod:`normzoo.linen`, and both bases run the same
+methods (for a normalizer of the taxonomy, the same
+:class:`~normzoo.functional.engine.Normalizer`).
 
 Variables, as flax.nnx: ``scale`` / ``coloring`` and ``bias`` are ``nnx.Param``; the
 estimator's running statistics (``mean``, ``var``, ...) are ``nnx.BatchStat``, float32
@@ -34,7 +36,6 @@ from flax.nnx.nn.dtypes import promote_dtype as flax_promote_dtype
 
 from normzoo.functional.axes import canonicalize_axes, check_floating
 from normzoo.functional.engine import Normalizer
-from normzoo.linen.base import param_specs, stats_dtype
 
 Array = jax.Array
 
@@ -122,15 +123,17 @@ class Normalization(nnx.Module):
                   if f.name in self.fields and f.default is not dataclasses.MISSING}
         config.update(self.defaults)
         config.update(fields)
+        missing = [k for k in self.fields if k not in config]
+        if missing:
+            raise TypeError(f"{name}() missing required keyword argument(s) {missing}")
         for key in self.fields:
-            setattr(self, key, config.get(key))
+            setattr(self, key, config[key])
         self.num_features = num_features
         self.promote_dtype = promote_dtype
 
         twin = self._twin()
         shape = nominal_shape(twin, num_features)
-        norm = twin.normalizer(shape)
-        feature_shape = norm.resolve(shape).param_shape
+        feature_shape = twin.feature_shape(shape)
         along_features: list[str] = []
 
         def stored(key: str, value: Array) -> Array:
@@ -139,24 +142,24 @@ class Normalization(nnx.Module):
             along_features.append(key)
             return value.reshape((num_features,))
 
-        stats = norm.init_stats(shape, stats_dtype(twin))
+        stats = twin.init_stats(shape)
         for key, value in stats.items():
             setattr(self, key, nnx.BatchStat(stored(key, value)))
-        declared = []
         param_dtype = getattr(twin, "param_dtype", jnp.float32)
-        for key, var_name, init, param_shape in param_specs(twin, norm, shape):
-            metadata = scale_metadata if key == "scale" else bias_metadata
+        specs = twin.param_specs(shape)
+        for name, init, param_shape in specs:
+            metadata = {"scale": scale_metadata, "coloring": scale_metadata,
+                        "bias": bias_metadata}.get(name, {})
             value = init(rngs.params(), param_shape, param_dtype)
-            setattr(self, var_name, nnx.Param(stored(var_name, value), **metadata))
-            declared.append(key)
+            setattr(self, name, nnx.Param(stored(name, value), **metadata))
+        declared = {name for name, *_ in specs}
         for key in ("scale", "bias"):  # flax.nnx keeps a None attribute for an unused param
             if key not in declared and hasattr(twin, f"use_{key}"):
                 setattr(self, key, nnx.data(None))
-        #: Which variables the call reads: (engine argument, attribute) pairs and stat keys.
-        self.param_names = tuple(
-            (key, name) for key, name, *_ in param_specs(twin, norm, shape))
+        #: Which variables the call reads (params, running statistics), and those stored
+        #: flat as (num_features,), reshaped to the input's feature axes.
+        self.param_names = tuple(name for name, *_ in specs)
         self.stat_names = tuple(stats)
-        #: Variables stored flat as (num_features,), reshaped to the input's feature axes.
         self.feature_names = tuple(along_features)
 
     # ----------------------------------------------------------------- configuration
@@ -165,20 +168,18 @@ class Normalization(nnx.Module):
         return self.linen(**{k: getattr(self, k) for k in self.fields}, parent=None)
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
-        """The normalizer these fields describe, for inputs of ``shape`` (the twin's)."""
+        """The normalizer these fields describe, for inputs of ``shape`` (the twin's; layers of
+        the taxonomy only)."""
         return self._twin().normalizer(tuple(shape))
 
     # ----------------------------------------------------------------- the call
-    def _normalize(self, x: Array, use_running_average: bool | None, mask: Array | None) -> Array:
+    def _apply(self, x: Array, use_running_average: bool | None = None,
+               mask: Array | None = None) -> Array:
         check_floating(x)
-        norm = self.normalizer(x.shape)
-        resolved = norm.resolve(x.shape)
-        running = norm.estimator.running
+        twin = self._twin()
         train = True
-        if running:
-            flag = use_running_average
-            if flag is None:
-                flag = self.use_running_average
+        if self.stat_names:
+            flag = self.use_running_average if use_running_average is None else use_running_average
             if flag is None:
                 raise ValueError(
                     f"No use_running_average was given to {type(self).__name__}: pass it to "
@@ -186,34 +187,39 @@ class Normalization(nnx.Module):
                     "model.eval() or nnx.view(model, use_running_average=True/False)"
                 )
             train = not flag
-        stats = {k: self._value(k, resolved) for k in self.stat_names}
-        params = {key: self._value(name, resolved) for key, name in self.param_names}
-        scale, bias = params.get("scale"), params.get("bias")
+        feature_shape = twin.feature_shape(x.shape)
+        stats = {k: self._value(k, feature_shape, x.shape) for k in self.stat_names}
+        params = {k: self._value(k, feature_shape, x.shape) for k in self.param_names}
         # flax.nnx's dtype rule: x and every variable promoted together (``dtype`` forces it);
         # the statistics themselves stay as stored (float32).
-        promoted = self.promote_dtype((x, scale, bias, *stats.values()),
+        promoted = self.promote_dtype((x, *params.values(), *stats.values()),
                                       dtype=getattr(self, "dtype", None))
-        x, scale, bias = promoted[:3]
-        y, new_stats = norm.apply(x, stats or None, scale, bias, train=train, mask=mask)
-        if running and train:
+        x = promoted[0]
+        params = dict(zip(params, promoted[1:1 + len(params)]))
+        y, new_stats = self._compute(twin, x, params, stats or None, train=train, mask=mask)
+        if self.stat_names and train:
             for key in self.stat_names:
                 variable = getattr(self, key)
                 variable.set_value(jnp.reshape(new_stats[key], variable.shape))
         return y
 
-    def _value(self, key: str, resolved: Any) -> Array:
+    def _compute(self, twin: Any, x: Array, params: dict[str, Array], stats: Any, *,
+                 train: bool, mask: Array | None) -> tuple[Array, Any]:
+        """The twin's ``compute`` (one seam: :func:`normzoo.tools.recalibrate_nnx` wraps it)."""
+        return twin.compute(x, params, stats, train=train,
+                            **({} if mask is None else {"mask": mask}))
+
+    def _value(self, key: str, feature_shape: tuple[int, ...], shape: Sequence[int]) -> Array:
         """A variable's value; one stored flat is reshaped to the input's feature axes."""
         value = getattr(self, key)[...]
         if key not in self.feature_names:
             return value
-        expected = resolved.param_shape
-        if math.prod(expected) != value.size:
+        if math.prod(feature_shape) != value.size:
             raise ValueError(
                 f"{type(self).__name__}: num_features={self.num_features}, but the input of "
-                f"shape {resolved.shape} has {math.prod(expected)} features along "
-                f"{resolved.feature_spec[0]}={resolved.feature_spec[1]!r}"
+                f"shape {tuple(shape)} has {math.prod(feature_shape)} features"
             )
-        return jnp.reshape(value, expected)
+        return jnp.reshape(value, feature_shape)
 
 
 class WithRunningAverage(Normalization):
@@ -225,7 +231,7 @@ class WithRunningAverage(Normalization):
         self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
     ) -> Array:
         """Normalizes ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects what counts."""
-        return self._normalize(x, use_running_average, mask)
+        return self._apply(x, use_running_average, mask)
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``.
@@ -243,13 +249,15 @@ class Stateless(Normalization):
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (N, ..., C); ``mask`` (broadcastable to x) selects what counts."""
-        return self._normalize(x, None, mask)
+        return self._apply(x, None, mask)
 
 
 def _signature(cls: type) -> inspect.Signature:
     """flax.nnx's constructor signature: ``(num_features, *positional, *, fields..., rngs)``."""
     linen_fields = {f.name: f for f in dataclasses.fields(cls.linen)}
     defaults = {**{k: linen_fields[k].default for k in cls.fields}, **cls.defaults}
+    defaults = {k: inspect.Parameter.empty if v is dataclasses.MISSING else v
+                for k, v in defaults.items()}
     P = inspect.Parameter
     params = [P("num_features", P.POSITIONAL_OR_KEYWORD, annotation=int)]
     params += [P(k, P.POSITIONAL_OR_KEYWORD, default=defaults[k]) for k in cls.positional]

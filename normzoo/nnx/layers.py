@@ -54,7 +54,7 @@ class RMSNorm(Stateless, linen=linen.RMSNorm):
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` may be given by position, as in flax.nnx.RMSNorm."""
-        return self._normalize(x, None, mask)
+        return self._apply(x, None, mask)
 
 
 class GroupNorm(Stateless, linen=linen.GroupNorm, positional=("num_groups", "group_size")):
