@@ -167,11 +167,21 @@ class Normalizer:
             batch = op.statistics(x, resolved, reduction, mask)
             given = estimator.correct(stats, batch, reduction.epsilon)
             y = op.normalize_given(x, given, resolved, reduction, scale, bias, **recovery)
-            return y, estimator.update(stats, batch)
+            return y, estimator.update(stats, self._observed(batch, resolved, mask))
         y, batch = op.normalize(x, resolved, reduction, scale, bias, mask, **recovery)
         if not estimator.running:
             return y, None
-        return y, estimator.update(stats, batch)
+        return y, estimator.update(stats, self._observed(batch, resolved, mask))
+
+    def _observed(self, batch: Stats, resolved: Resolved, mask: Array | None) -> Stats:
+        """What the running statistics see of the batch (PyTorch's unbiased variance when the
+        estimator asks: ``n`` = the elements behind each statistic, on this device)."""
+        if not self.estimator.unbiased:
+            return batch
+        if mask is not None:
+            raise ValueError("an unbiased running variance needs the element count of each "
+                             "statistic; with a mask it varies: pass unbiased=False")
+        return self.estimator.observed(batch, resolved.count)
 
     def _ghost(self, x, stats, scale, bias, mask, resolved: Resolved):
         """Training with ghost batches (Hoffer et al. 2017): each chunk of
@@ -213,7 +223,7 @@ class Normalizer:
         if reduction.axis_name is not None:
             average = jax.lax.pmean(average, reduction.axis_name,
                                     axis_index_groups=reduction.axis_index_groups)
-        return y, estimator.update(stats, average)
+        return y, estimator.update(stats, self._observed(average, inner, mask))
 
     # ----------------------------------------------------------------- checks
     def _check_params(self, scale, bias, resolved: Resolved) -> None:

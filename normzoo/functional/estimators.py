@@ -61,6 +61,17 @@ class Estimator:
     corrects_batch: ClassVar[bool] = False
 
     skip_nonfinite: bool = dataclasses.field(default=False, kw_only=True)
+    #: Store the unbiased variance ``n / (n - 1) var_B`` (PyTorch's convention) in the
+    #: running statistics; normalization in training still uses the biased ``var_B``.
+    unbiased: bool = dataclasses.field(default=False, kw_only=True)
+
+    def observed(self, batch: Stats, count: int) -> Stats:
+        """The batch statistics the running ones are updated with: ``batch``, its ``var``
+        times ``count / (count - 1)`` when :attr:`unbiased` (``count`` elements per
+        statistic; one element gives the biased 0)."""
+        if not self.unbiased or "var" not in batch or count < 2:
+            return batch
+        return {**batch, "var": batch["var"] * (count / (count - 1))}
 
     def init(self, stats: Stats) -> Stats:
         """``stats`` (the operation's initial statistics) with the estimator's own state."""
@@ -264,11 +275,13 @@ ESTIMATORS = {
 }
 
 
-def make_estimator(name: str, *, momentum: Any = 0.99, skip_nonfinite: bool = False) -> Estimator:
+def make_estimator(name: str, *, momentum: Any = 0.99, skip_nonfinite: bool = False,
+                   unbiased: bool = False) -> Estimator:
     """The estimator called ``name`` (a key of :data:`ESTIMATORS`)."""
     if name not in ESTIMATORS:
         raise ValueError(f"estimator={name!r} is unknown; expected one of {tuple(ESTIMATORS)}")
     cls = ESTIMATORS[name]
+    options = dict(skip_nonfinite=skip_nonfinite, unbiased=unbiased)
     if issubclass(cls, EMA):
-        return cls(momentum=momentum, skip_nonfinite=skip_nonfinite)
-    return cls(skip_nonfinite=skip_nonfinite)
+        return cls(momentum=momentum, **options)
+    return cls(**options)

@@ -52,6 +52,8 @@ class BatchNorm(WithRunningAverage):
         chunk of this many samples (it must divide the batch), the running ones from the
         chunks' average; with ``axis_name`` chunks stay per device and only the running
         statistics are averaged over devices. None (default): the whole batch, as flax.
+      unbiased_running_var: store the unbiased ``n / (n - 1)`` batch variance in ``var``, as
+        PyTorch does (normalization in training still uses the biased one); False: flax's.
 
     Variables: ``params``: ``scale``, ``bias`` (C...); ``batch_stats``: ``mean``, ``var`` (C...),
     float32.
@@ -72,10 +74,12 @@ class BatchNorm(WithRunningAverage):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = None
+    unbiased_running_var: bool = False
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
         return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
-                          EMA(self.momentum), self.reduction())
+                          EMA(self.momentum, unbiased=self.unbiased_running_var),
+                          self.reduction())
 
 
 class BatchRenorm(BatchNorm):
@@ -102,7 +106,8 @@ class BatchRenorm(BatchNorm):
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
         return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
-                          Renorm(self.momentum, r_max=self.r_max, d_max=self.d_max),
+                          Renorm(self.momentum, r_max=self.r_max, d_max=self.d_max,
+                                 unbiased=self.unbiased_running_var),
                           self.reduction())
 
 

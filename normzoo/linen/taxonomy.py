@@ -57,13 +57,15 @@ class _AreaNormalization(WithRunningAverage):
     force_float32_reductions: bool = True
     estimator: str = "ema"
     skip_nonfinite: bool = False
+    unbiased_running_var: bool = False
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
         """``use_running_average`` and the estimator matter for ``area="batch"`` only."""
         estimator = BatchOnly()
         if self.area == "batch":
             estimator = make_estimator(
-                self.estimator, momentum=self.momentum, skip_nonfinite=self.skip_nonfinite)
+                self.estimator, momentum=self.momentum, skip_nonfinite=self.skip_nonfinite,
+                unbiased=self.unbiased_running_var)
         where = Area(self.area, self.feature_axes, None, self.num_groups, self.group_size)
         return Normalizer(where, Moments(self.operation), "affine", estimator, self.reduction())
 

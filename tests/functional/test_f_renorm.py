@@ -181,3 +181,27 @@ def test_nnx_batch_renorm_matches_linen(rng):
     np.testing.assert_allclose(model(x), y, rtol=1e-6, atol=1e-6)
     assert int(model.count[...]) == int(updates["batch_stats"]["count"]) == 8
     np.testing.assert_allclose(model.var[...], updates["batch_stats"]["var"], rtol=1e-6)
+
+
+def test_unbiased_running_variance_is_pytorchs(rng):
+    """PyTorch stores n / (n - 1) var_B; training still normalizes with the biased var_B."""
+    x = _x(rng, (6, 2, 2, 3))  # n = 24 elements per channel
+    biased = normzoo.BatchNorm(use_running_average=False, momentum=0.9)
+    unbiased = normzoo.BatchNorm(use_running_average=False, momentum=0.9,
+                                 unbiased_running_var=True)
+    variables = biased.init(jax.random.key(0), x)
+    y_b, u_b = biased.apply(variables, x, mutable=["batch_stats"])
+    y_u, u_u = unbiased.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y_u, y_b)
+    var = x.reshape(-1, 3).astype(np.float64).var(0, ddof=1)
+    np.testing.assert_allclose(u_u["batch_stats"]["var"], 0.9 + 0.1 * var, rtol=1e-6)
+    np.testing.assert_allclose(u_u["batch_stats"]["mean"], u_b["batch_stats"]["mean"])
+    # in ghost batches n is the chunk's elements; with a mask it is refused
+    ghost = normzoo.BatchNorm(use_running_average=False, momentum=0.0, virtual_batch_size=3,
+                              unbiased_running_var=True)
+    _, u_g = ghost.apply(variables, x, mutable=["batch_stats"])
+    chunks = x.reshape(2, 12, 3).astype(np.float64)
+    np.testing.assert_allclose(u_g["batch_stats"]["var"], chunks.var(1, ddof=1).mean(0),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="unbiased"):
+        unbiased.apply(variables, x, mask=np.ones(x.shape, bool), mutable=["batch_stats"])
