@@ -5,6 +5,8 @@
 * the layers below: Flax linen modules (:mod:`normzoo.linen`), drop-in for flax.linen's where
   flax has the layer; their Flax NNX twins are in :mod:`normzoo.nnx` (``import normzoo.nnx``);
 * :mod:`normzoo.registry`: pick a layer by name (``"bn"``, ``"ln"``, ...);
+* :mod:`normzoo.tools`: for trained models, BatchNorm folding, precise-BN recalibration and
+  PyTorch BatchNorm interop (``import normzoo.tools``);
 * :mod:`normzoo.backends.cpu`: opt-in hand-written CPU kernels (off unless enabled).
 """
 
@@ -14,17 +16,29 @@ from normzoo import functional
 from normzoo.linen import (
     BatchNorm,
     BatchRenorm,
+    CenteredWeightNorm,
     Centering,
     CholeskyWhitening,
     DecorrelatedBatchNorm,
+    DyT,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
     GroupNorm,
     InstanceNorm,
     IterNorm,
     LayerNorm,
+    LocalResponseNorm,
     PCAWhitening,
     RMSNorm,
+    ScaledWSConv,
     Scaling,
+    SpectralNorm,
     Standardization,
+    TLU,
+    WSConv,
+    WSDense,
+    WeightNorm,
     Whitening,
     ZCAWhitening,
 )
@@ -34,17 +48,29 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "CenteredWeightNorm",
     "Centering",
     "CholeskyWhitening",
     "DecorrelatedBatchNorm",
+    "DyT",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GroupNorm",
     "InstanceNorm",
     "IterNorm",
     "LayerNorm",
+    "LocalResponseNorm",
     "PCAWhitening",
     "RMSNorm",
+    "ScaledWSConv",
     "Scaling",
+    "SpectralNorm",
     "Standardization",
+    "TLU",
+    "WSConv",
+    "WSDense",
+    "WeightNorm",
     "Whitening",
     "ZCAWhitening",
     "functional",

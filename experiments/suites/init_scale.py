@@ -19,9 +19,6 @@ from experiments.models import freeze_overrides, norm_overrides_for
 from experiments.train import Run, TrainSpec
 
 NAME = "init-scale"
-DEFAULTS = {}
-QUICK = {}
-def run(ctx): raise NotImplementedError
 GOOD_ACC = 0.8
 
 DEFAULTS = dict(

@@ -33,7 +33,6 @@ from normzoo.functional.axes import (
     Axes,
     broadcast_shape,
     canonicalize_axes,
-    check_floating,
     check_mask,
     split_groups,
 )

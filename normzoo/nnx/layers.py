@@ -104,11 +104,12 @@ class CholeskyWhitening(WithRunningAverage, linen=linen.CholeskyWhitening):
 
 
 class IterNorm(WithRunningAverage, linen=linen.IterNorm):
-    """Iterative normalization (Huang et al., CVPR 2019); fields as :class:`normzoo.linen.IterNorm`."""
+    """Iterative normalization (Huang et al., CVPR 2019); as :class:`normzoo.linen.IterNorm`."""
 
 
 class DecorrelatedBatchNorm(WithRunningAverage, linen=linen.DecorrelatedBatchNorm):
-    """Decorrelated BatchNorm (Huang et al., CVPR 2018); as :class:`normzoo.linen.DecorrelatedBatchNorm`."""
+    """Decorrelated BatchNorm (Huang et al., CVPR 2018); as
+    :class:`normzoo.linen.DecorrelatedBatchNorm`."""
 
 
 #: Each linen layer class and its NNX twin.

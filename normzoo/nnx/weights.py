@@ -22,8 +22,8 @@ Wrappers of any layer, ``Wrapper(layer, ..., rngs=rngs)(x)``:
   ``nnx.BatchStat``; ``use_running_average = not update_stats``, so ``model.train()`` /
   ``model.eval()`` / ``nnx.view`` switch the updates), and flax.nnx's numbers on a first
   call. Two things flax.nnx 0.12 gets wrong are fixed: flax.nnx writes the normalized
-  weight back into the wrapped layer's param at every call (the optimizer then steps from ``v / ||v||`` or ``W / sigma``, not from ``v`` or ``W``, unlike the papers
-  and flax.linen), and its ``WeightNorm.scales`` are plain arrays, not ``nnx.Param``, so
+  weight back into the wrapped layer's param at every call (the optimizer then steps from
+  ``v / ||v||`` or ``W / sigma``, not from ``v`` or ``W``, unlike the papers and flax.linen), and its ``WeightNorm.scales`` are plain arrays, not ``nnx.Param``, so
   ``g`` is never trained. Here the param keeps its value (the layer is
   called on a shallow copy holding the normalized weight, :func:`call_with`) and every
   scale is an ``nnx.Param``: training follows the linen layer step for step, and a model

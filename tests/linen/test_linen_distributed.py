@@ -3,7 +3,6 @@ devices (tests/conftest.py sets XLA_FLAGS), pmap with axis_index_groups. Equal p
 counts: normzoo == flax.linen == the un-sharded computation. Masked / uneven shards:
 normzoo == the un-sharded masked computation (count-weighted; flax averages means)."""
 
-import functools
 
 import flax.linen as nn
 import jax
