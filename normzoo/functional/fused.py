@@ -314,17 +314,17 @@ def _normalize_affine_jvp(
     """The closed-form linearization (or an opt-in backend's, where it takes over).
 
     ``tangents`` may hold symbolic zeros (params that are not differentiated). With frozen
-    params, a 16-bit input and a scale that varies within each statistic (LayerNorm), the
-    plain formula's own linearization is used instead (:func:`_plain_jvp`): measured on
-    XLA:CPU, the closed form's matrix-vector sums then make XLA write float32 copies of the
-    full-size 16-bit arrays, and the plain form fuses into fewer passes (for RMSNorm it does
-    not: docs/performance.md).
+    params, a 16-bit input and a scale that varies within each statistic (LayerNorm,
+    RMSNorm), the plain formula's own linearization is used instead (:func:`_plain_jvp`):
+    measured on XLA:CPU, the closed form's matrix-vector sums then make XLA write float32
+    copies of the full-size 16-bit arrays, and the plain form fuses into fewer passes
+    (docs/performance.md).
     """
     x = primals[0]
     layout = _Layout(x.shape, axes, group_axis, num_groups)
     options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
     frozen = all(t is None or isinstance(t, SymbolicZero) for t in tangents[1:])
-    if (frozen and centered and group_axis is None and jnp.dtype(x.dtype).itemsize < 4
+    if (frozen and group_axis is None and jnp.dtype(x.dtype).itemsize < 4
             and primals[1] is not None and not _per_channel(primals[1], layout)):
         return _plain_jvp(layout, options, primals, tangents[0])
     tangents = tuple(
@@ -341,18 +341,28 @@ normalize_affine.defjvp(_normalize_affine_jvp, symbolic_zeros=True)
 
 
 def _plain_jvp(layout, options, primals, dx):
-    """The linearization of the plain two-pass formula in x alone (params given, frozen):
-    ``c = x - E[x]``, ``y = c * rsqrt(E[c^2] + eps) * scale + bias``; the same values as the
-    closed form, its variance exact too (two passes)."""
-    _, epsilon, _, stat_dtype, out_dtype = options
+    """The linearization of the plain formula in x alone (params given, frozen):
+    ``y = (x - E[x]) * rsqrt(E[(x - E[x])^2] + eps) * scale + bias`` (two passes, so the
+    variance stays exact), or ``x * rsqrt(E[x^2] + eps) * scale`` without centering.
+
+    The statistics read x converted to the statistics dtype and ``y`` reads x itself (the
+    conversion is exact): on XLA:CPU one shared full-size converted copy would be written to
+    memory, two separate conversions fuse into their kernels.
+    """
+    centered, epsilon, _, stat_dtype, out_dtype = options
     x, scale_b, bias_b = primals
 
     def plain(x):
         xf = x.astype(stat_dtype)
-        mean = layout.mean(xf)
-        c = xf - mean
-        var = layout.mean(c * c)
-        y = c * (layout.to_channel(lax.rsqrt(var + epsilon)) * scale_b)
+        if centered:
+            mean = layout.mean(xf)
+            c = xf - mean
+            var = layout.mean(c * c)
+            y = (x - mean) * (layout.to_channel(lax.rsqrt(var + epsilon)) * scale_b)
+        else:
+            var = layout.mean(xf * xf)
+            mean = jnp.zeros_like(var)
+            y = x * (layout.to_channel(lax.rsqrt(var + epsilon)) * scale_b)
         if bias_b is not None:
             y = y + bias_b
         return y.astype(out_dtype), layout.squeeze(mean), layout.squeeze(var)
