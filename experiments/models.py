@@ -49,12 +49,12 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 def default_norm_overrides(name: str, width: int, ndim: int) -> dict[str, Any]:
     """Constructor overrides that make registry defaults fit a layer of ``width`` features.
 
-    * ``gn``, ``evonorm_s0``: ``num_groups`` = the largest divisor of ``width`` that is <= 32 and <= width / 2
+    * ``gn``, ``evonorm_s0``, ``gw``: ``num_groups`` = the largest divisor of ``width`` that is <= 32 and <= width / 2
       (Flax's default of 32 groups does not divide e.g. 100).
     * ``ln``/``rms`` on ``ndim``-D activations with spatial axes: statistics over all of (H, W, C)
       per sample, as in the GN paper's LayerNorm (Flax defaults to the channel axis only).
     """
-    if name in ("gn", "evonorm_s0"):
+    if name in ("gn", "evonorm_s0", "gw"):
         return {"num_groups": _largest_divisor_at_most(width, min(32, max(1, width // 2)))}
     if name in ("ln", "rms") and ndim > 2:
         return {"reduction_axes": tuple(range(1, ndim))}

@@ -5,6 +5,8 @@
 * the layers below: Flax linen modules (:mod:`normzoo.linen`), drop-in for flax.linen's where
   flax has the layer; their Flax NNX twins are in :mod:`normzoo.nnx` (``import normzoo.nnx``);
 * :mod:`normzoo.registry`: pick a layer by name (``"bn"``, ``"ln"``, ...);
+* :mod:`normzoo.diagnostics`: per-layer activation statistics (``activation_stats``,
+  ``covariance_condition_number``), sown from Linen or NNX models and collected by path;
 * :mod:`normzoo.tools`: for trained models, BatchNorm folding, precise-BN recalibration and
   PyTorch BatchNorm interop (``import normzoo.tools``);
 * :mod:`normzoo.backends.cpu`: opt-in hand-written CPU kernels (off unless enabled).
@@ -25,7 +27,9 @@ from normzoo.linen import (
     EvoNormS0,
     FilterResponseNorm,
     GroupNorm,
+    GroupWhitening,
     InstanceNorm,
+    InstanceWhitening,
     IterNorm,
     LayerNorm,
     LocalResponseNorm,
@@ -35,6 +39,7 @@ from normzoo.linen import (
     Scaling,
     SpectralNorm,
     Standardization,
+    SwitchableNorm,
     TLU,
     WSConv,
     WSDense,
@@ -57,7 +62,9 @@ __all__ = [
     "EvoNormS0",
     "FilterResponseNorm",
     "GroupNorm",
+    "GroupWhitening",
     "InstanceNorm",
+    "InstanceWhitening",
     "IterNorm",
     "LayerNorm",
     "LocalResponseNorm",
@@ -67,6 +74,7 @@ __all__ = [
     "Scaling",
     "SpectralNorm",
     "Standardization",
+    "SwitchableNorm",
     "TLU",
     "WSConv",
     "WSDense",

@@ -31,6 +31,7 @@ from normzoo.linen import (
     EvoNormS0,
     FilterResponseNorm,
     GroupNorm,
+    GroupWhitening,
     InstanceNorm,
     IterNorm,
     LayerNorm,
@@ -38,6 +39,7 @@ from normzoo.linen import (
     PCAWhitening,
     RMSNorm,
     Scaling,
+    SwitchableNorm,
     ZCAWhitening,
 )
 
@@ -228,3 +230,17 @@ register(
 )
 register("dyt", DyT, stateful=False,
          description="Dynamic Tanh: g tanh(alpha x) + b (Zhu et al. CVPR 2025)")
+register(
+    "sn",
+    SwitchableNorm,
+    stateful=True,
+    description="Switchable Norm: IN, LN and BN statistics mixed by learned softmax weights "
+    "(Luo et al. ICLR 2019)",
+)
+register(
+    "gw",
+    GroupWhitening,
+    stateful=False,
+    description="Group whitening: per sample, the G channel groups ZCA-whitened, G = 64 "
+    "(at most C) (Huang et al. CVPR 2021)",
+)

@@ -9,7 +9,8 @@ reasonably in that budget (lr 0.1-0.5 or Xavier init leave it near chance), so t
 not against a stalled baseline.
 
 The percentiles are taken over a fixed probe set (the validation split) in training mode, for the
-first units of the last hidden layer, after every epoch.
+first units of the last hidden layer, after every epoch (``normzoo.diagnostics.activation_stats``
+of each unit's column).
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from experiments import plots
 from experiments.common import Claim, Context, Job, SuiteReport, by_meta, compare, fmt, mean_curve, mean_final, seed_list
 from experiments.models import norm_overrides_for
 from experiments.train import Run, TrainSpec, TrainState, forward
+from normzoo.diagnostics import activation_stats
 
 NAME = "covariate-shift"
 UNITS = 8
+PERCENTILES = (15, 50, 85)
 DEFAULTS = dict(
     dataset="digits", train_size=None, model="mlp", width=100, depth=3, activation="sigmoid", optimizer="sgd",
     lr=1.0, init="he", batch_size=60, epochs=40, seeds=3, norms=["none", "bn"], bn_momentum=0.9,
@@ -38,7 +41,9 @@ def percentile_probe(state: TrainState, x: jax.Array) -> dict[str, jax.Array]:
     _, inter = forward(state, x, batch_stats_mode=True, collect=True)
     last = max((k for k in inter if k.startswith("norm_out")), key=lambda k: int(k.rsplit("_", 1)[1]))
     h = inter[last][:, :UNITS]
-    return {"pct": jnp.percentile(h, jnp.array([15.0, 50.0, 85.0]), axis=0).T}
+    # each unit's own distribution over the probe samples: activation_stats of its (n, 1) column
+    stats = jax.vmap(lambda u: activation_stats(u[:, None], percentiles=PERCENTILES))(h.T)
+    return {"pct": jnp.stack([stats[f"p{q:g}"] for q in PERCENTILES], axis=1)}
 
 
 def relative_drift(p: np.ndarray) -> float:
@@ -77,7 +82,7 @@ def run(ctx: Context) -> SuiteReport:
     axes[0][0].legend()
     for ax, n in zip(axes[0][1:], norms):
         p = np.asarray(recs[n][0]["probes"]["pct"])[:, 0, :]  # unit 0 of the first seed
-        for j, q in enumerate((15, 50, 85)):
+        for j, q in enumerate(PERCENTILES):
             ax.plot(p[:, j], color=plots.color(n) or "k", alpha=0.5 + 0.25 * (j == 1), label=f"{q}th")
         ax.set(xlabel="epoch", title=f"sigmoid input, {n} (drift {fmt(drift[n], 2)})")
         ax.legend(fontsize=8)

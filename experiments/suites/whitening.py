@@ -26,6 +26,7 @@ from experiments.common import (
 )
 from experiments.models import norm_overrides_for
 from experiments.train import Run, TrainSpec, TrainState, forward
+from normzoo.diagnostics import covariance_condition_number
 
 NAME = "whitening"
 WHITENING = ("zca", "pca", "cholesky", "iternorm", "dbn")
@@ -40,12 +41,9 @@ QUICK = dict(epochs=8, seeds=1, norms=["bn", "zca", "pca", "iternorm"])
 
 def log10_cond(h: jax.Array) -> jax.Array:
     """log10 of the condition number of the covariance of ``h`` ``(n, ...)`` (features flattened
-    over all non-batch axes; capped at 1e8 so dead units give a finite, large value)."""
-    h = h.reshape(h.shape[0], -1).astype(jnp.float32)
-    hc = h - h.mean(0)
-    ev = jnp.linalg.eigvalsh(hc.T @ hc / h.shape[0])
-    top = jnp.maximum(ev[-1], 1e-30)
-    return jnp.log10(top / jnp.maximum(ev[0], top / COND_CAP))
+    over all non-batch axes; capped at 1e8 so dead units give a finite, large value), by
+    :func:`normzoo.diagnostics.covariance_condition_number`."""
+    return jnp.log10(covariance_condition_number(h.reshape(h.shape[0], -1), epsilon=1.0 / COND_CAP))
 
 
 def cond_probe(state: TrainState, x: jax.Array) -> dict[str, jax.Array]:

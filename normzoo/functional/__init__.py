@@ -143,3 +143,9 @@ __all__ += [
     "weight_norm",
     "weight_standardization",
 ]
+from normzoo.functional.switchable import (  # noqa: E402
+    init_switchable_norm_stats,
+    switchable_norm,
+)
+
+__all__ += ["init_switchable_norm_stats", "switchable_norm"]

@@ -18,9 +18,12 @@ from normzoo.linen.standard import (
     RMSNorm,
 )
 from normzoo.linen.taxonomy import Centering, Scaling, Standardization
+from normzoo.linen.switchable import SwitchableNorm
 from normzoo.linen.whitening import (
     CholeskyWhitening,
     DecorrelatedBatchNorm,
+    GroupWhitening,
+    InstanceWhitening,
     IterNorm,
     PCAWhitening,
     Whitening,
@@ -36,6 +39,9 @@ from normzoo.linen.weights import (
 )
 
 __all__ = [
+    "GroupWhitening",
+    "InstanceWhitening",
+    "SwitchableNorm",
     "CenteredWeightNorm",
     "DyT",
     "EvoNormB0",

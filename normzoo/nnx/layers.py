@@ -112,10 +112,29 @@ class DecorrelatedBatchNorm(WithRunningAverage, linen=linen.DecorrelatedBatchNor
     :class:`normzoo.linen.DecorrelatedBatchNorm`."""
 
 
+class GroupWhitening(Stateless, linen=linen.GroupWhitening):
+    """Group whitening (Huang et al., CVPR 2021); fields as
+    :class:`normzoo.linen.GroupWhitening`. Variables: ``scale``, ``bias``."""
+
+
+class InstanceWhitening(Stateless, linen=linen.InstanceWhitening):
+    """Instance whitening (Switchable Whitening's IW); fields as
+    :class:`normzoo.linen.InstanceWhitening`. Variables: ``scale``, ``bias``."""
+
+
+class SwitchableNorm(WithRunningAverage, linen=linen.SwitchableNorm):
+    """Switchable Normalization (Luo et al., ICLR 2019); fields as
+    :class:`normzoo.linen.SwitchableNorm`. Variables: ``scale``, ``bias`` (num_features,),
+    ``mean_weight``, ``var_weight`` (3,) (``nnx.Param``); ``mean``, ``var``
+    (``nnx.BatchStat``, (num_features,), float32)."""
+
+
 #: Each linen layer class and its NNX twin.
 TWINS: dict[type, type] = {
     cls.linen: cls
     for cls in (BatchNorm, BatchRenorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm, Centering,
                 Scaling, Standardization, Whitening, ZCAWhitening, PCAWhitening,
-                CholeskyWhitening, IterNorm, DecorrelatedBatchNorm)
+                CholeskyWhitening, IterNorm, DecorrelatedBatchNorm, GroupWhitening,
+                InstanceWhitening, SwitchableNorm)
 }
+

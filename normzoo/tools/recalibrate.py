@@ -385,6 +385,11 @@ def recalibrate_nnx(
     flax_layers: dict[Path, Any] = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, NNXNormalization) and node.stat_names:
+            if not issubclass(node.linen, LinenNormalization):
+                raise ValueError(
+                    f"recalibrate_nnx: {type(node).__name__} at {'/'.join(map(str, path))} keeps "
+                    "running statistics outside the taxonomy's estimators; it cannot be "
+                    "recalibrated (supported: normzoo's normalizers and flax's BatchNorm)")
             if capturable(_nominal_normalizer(node).estimator):
                 normzoo_layers[tuple(path)] = node
         elif isinstance(node, nnx.BatchNorm):

@@ -72,6 +72,10 @@ CASES = [
     _case(zl.IterNorm, A, "IterNorm-coloring", recovery="coloring"),
     _case(zl.DecorrelatedBatchNorm, A, momentum=0.5),
     _case(zl.DecorrelatedBatchNorm, A, "DecorrelatedBatchNorm-groups", group_size=2),
+    _case(zl.SwitchableNorm, B, momentum=0.5),
+    _case(zl.SwitchableNorm, A, "SwitchableNorm-no_spatial", momentum=0.5),
+    _case(zl.GroupWhitening, B, num_groups=2),
+    _case(zl.InstanceWhitening, B, group_size=2),
 ]
 
 
@@ -85,12 +89,14 @@ def _subset(*ids):
 GRAD_CASES = _subset(
     "BatchNorm", "BatchRenorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm",
     "Centering-batch", "Scaling-layer", "Standardization-batch", "Whitening-coloring",
-    "ZCAWhitening", "PCAWhitening", "CholeskyWhitening", "IterNorm", "DecorrelatedBatchNorm-groups")
+    "ZCAWhitening", "PCAWhitening", "CholeskyWhitening", "IterNorm", "DecorrelatedBatchNorm-groups",
+    "SwitchableNorm", "GroupWhitening", "InstanceWhitening")
 MASK_CASES = _subset(
     "BatchNorm", "BatchRenorm", "LayerNorm", "RMSNorm", "GroupNorm-group_size", "InstanceNorm",
     "Centering-layer", "Scaling-batch", "Standardization-layer", "Standardization-cumulative",
     "Whitening-whitening_matrix", "ZCAWhitening", "PCAWhitening", "CholeskyWhitening",
-    "IterNorm-coloring", "DecorrelatedBatchNorm")
+    "IterNorm-coloring", "DecorrelatedBatchNorm", "SwitchableNorm", "GroupWhitening",
+    "InstanceWhitening")
 
 
 @pytest.mark.parametrize("subset", [CASES, GRAD_CASES, MASK_CASES],
@@ -225,7 +231,8 @@ def test_twin_mask(cls, kwargs, shape):
     mask = np.ones(shape, bool)
     mask[0] = False  # drop the first sample (all areas keep elements of the others)
     mask[1, ..., 0] = False  # and one feature of the second
-    if TWINS[cls] in (znnx.LayerNorm, znnx.RMSNorm, znnx.GroupNorm, znnx.InstanceNorm) or (
+    if TWINS[cls] in (znnx.LayerNorm, znnx.RMSNorm, znnx.GroupNorm, znnx.InstanceNorm,
+                      znnx.SwitchableNorm, znnx.GroupWhitening, znnx.InstanceWhitening) or (
             kwargs.get("area", "batch") != "batch"):
         mask[0] = True  # per-sample areas: sample 0 fully masked would be 0/0
         mask[0, ..., :2] = False
@@ -467,7 +474,8 @@ def test_whitening_group_size_must_divide_at_construction():
 
 
 # ------------------------------------------------------------------ registry
-REGISTRY_OVERRIDES = {"gn": {"num_groups": 2}, "evonorm_s0": {"num_groups": 2}}
+REGISTRY_OVERRIDES = {"gn": {"num_groups": 2}, "evonorm_s0": {"num_groups": 2},
+                      "gw": {"num_groups": 4}}
 
 
 @pytest.mark.parametrize("name", registry.names())

@@ -148,3 +148,10 @@ def test_recalibrate_nnx_mlp():
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), params)
     with pytest.raises(ValueError, match="batches is empty"):
         recalibrate_nnx(model, [])
+
+
+def test_recalibrate_nnx_refuses_layers_outside_the_estimators():
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                           znnx.SwitchableNorm(4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="SwitchableNorm.*cannot be recalibrated"):
+        recalibrate_nnx(model, [np.ones((4, 2, 3), np.float32)])
