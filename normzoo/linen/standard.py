@@ -23,7 +23,7 @@ from jax.nn import initializers
 from normzoo.functional import area
 from normzoo.functional.axes import Axes
 from normzoo.functional.engine import Normalizer
-from normzoo.functional.estimators import EMA, Renorm
+from normzoo.functional.estimators import Renorm, make_estimator
 from normzoo.functional.operations import SCALE, STANDARDIZE
 from normzoo.linen.base import Stateless, WithRunningAverage
 
@@ -54,6 +54,10 @@ class BatchNorm(WithRunningAverage):
         statistics are averaged over devices. None (default): the whole batch, as flax.
       unbiased_running_var: store the unbiased ``n / (n - 1)`` batch variance in ``var``, as
         PyTorch does (normalization in training still uses the biased one); False: flax's.
+      estimator: how the running statistics follow the batches: ``"ema"`` (flax's, the
+        default), ``"debiased_ema"`` (exact from the first step), ``"cumulative"`` (the plain
+        average of every batch, PyTorch's ``momentum=None``) or ``"population"`` (given
+        statistics, never updated, used in training too); adds ``count`` where it needs one.
 
     Variables: ``params``: ``scale``, ``bias`` (C...); ``batch_stats``: ``mean``, ``var`` (C...),
     float32.
@@ -75,11 +79,13 @@ class BatchNorm(WithRunningAverage):
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = None
     unbiased_running_var: bool = False
+    estimator: str = "ema"
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        estimator = make_estimator(self.estimator, momentum=self.momentum,
+                                   unbiased=self.unbiased_running_var)
         return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
-                          EMA(self.momentum, unbiased=self.unbiased_running_var),
-                          self.reduction())
+                          estimator, self.reduction())
 
 
 class BatchRenorm(BatchNorm):
@@ -98,13 +104,16 @@ class BatchRenorm(BatchNorm):
         ``renorm_warmup(0, 5, 5000, 25000)``.
 
     Variables: as BatchNorm, plus ``batch_stats`` ``count`` (int32: the training steps, the
-    schedules' argument).
+    schedules' argument). ``estimator`` is ``"ema"`` only (the paper's running averages).
     """
 
     r_max: Any = 3.0
     d_max: Any = 5.0
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
+        if self.estimator != "ema":
+            raise ValueError(f"BatchRenorm: estimator={self.estimator!r}; Batch Renorm corrects "
+                             "towards an EMA of the batch statistics: estimator='ema' only")
         return Normalizer(area.batch(self.axis, self.virtual_batch_size), STANDARDIZE, "affine",
                           Renorm(self.momentum, r_max=self.r_max, d_max=self.d_max,
                                  unbiased=self.unbiased_running_var),

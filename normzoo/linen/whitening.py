@@ -30,7 +30,7 @@ from normzoo.functional import area
 from normzoo.functional.axes import Axes
 from normzoo.functional.covariance import HIGHEST
 from normzoo.functional.engine import Normalizer
-from normzoo.functional.estimators import EMA
+from normzoo.functional.estimators import make_estimator
 from normzoo.functional.reduction import Reduction
 from normzoo.functional.whitening import Whiten
 from normzoo.linen.base import WithRunningAverage, identity_init
@@ -77,6 +77,8 @@ class Whitening(WithRunningAverage):
       bias_init, scale_init: initializers of ``bias`` and the affine ``scale``.
       coloring_init: initializer of the coloring matrices (identity).
       precision: of the matrix products (default ``HIGHEST``: float32 accuracy on TPU / GPU).
+      estimator: how the running statistics follow the batches: ``"ema"`` (default),
+        ``"debiased_ema"``, ``"cumulative"`` or ``"population"`` (as BatchNorm's).
 
     Variables: ``params``: ``scale`` (C...) or ``coloring`` (C/g, g, g), and ``bias`` (C...);
     ``batch_stats``: ``mean`` (C...) and ``covariance`` or ``whitening_matrix`` (C/g, g, g),
@@ -106,6 +108,7 @@ class Whitening(WithRunningAverage):
     scale_init: Initializer = initializers.ones
     coloring_init: Initializer = identity_init
     precision: Any = HIGHEST
+    estimator: str = "ema"
 
     def normalizer(self, shape: Sequence[int]) -> Normalizer:
         group_size = self.group_size
@@ -118,7 +121,7 @@ class Whitening(WithRunningAverage):
             area.batch(self.axis),
             Whiten(self.method, group_size, self.iterations, self.running_average_of,
                    self.precision),
-            self.recovery, EMA(self.momentum),
+            self.recovery, make_estimator(self.estimator, momentum=self.momentum),
             Reduction(self.epsilon, self.axis_name, self.axis_index_groups, dtype=self.dtype),
         )
 

@@ -205,3 +205,39 @@ def test_unbiased_running_variance_is_pytorchs(rng):
                                rtol=1e-5)
     with pytest.raises(ValueError, match="unbiased"):
         unbiased.apply(variables, x, mask=np.ones(x.shape, bool), mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("layer", ["BatchNorm", "ZCAWhitening"])
+def test_batch_norm_and_whitening_take_every_estimator(rng, layer):
+    """estimator='cumulative' (PyTorch's momentum=None) is the plain average of the batches;
+    'debiased_ema' equals the first batch after one step; 'population' never updates."""
+    batches = [_x(rng, (16, 3)) for _ in range(3)]
+    cls = getattr(normzoo, layer)
+    key = "var" if layer == "BatchNorm" else "covariance"
+    for estimator in ("cumulative", "debiased_ema", "population"):
+        module = cls(use_running_average=False, momentum=0.9, estimator=estimator)
+        variables = module.init(jax.random.key(0), batches[0])
+        initial = variables["batch_stats"][key]
+        stats = []
+        for x in batches:
+            _, updates = module.apply(variables, x, mutable=["batch_stats"])
+            variables = {**variables, **updates}
+            stats.append(updates["batch_stats"])
+        x64 = [b.astype(np.float64) for b in batches]
+        second = [b.var(0) for b in x64] if layer == "BatchNorm" else [
+            np.cov(b, rowvar=False, bias=True)[None] for b in x64]  # one group (1, C, C)
+        if estimator == "cumulative":
+            np.testing.assert_allclose(stats[-1][key], np.mean(second, 0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats[-1]["mean"], np.mean([b.mean(0) for b in x64], 0),
+                                       rtol=1e-5, atol=1e-6)
+            assert int(stats[-1]["count"]) == 3
+        elif estimator == "debiased_ema":
+            np.testing.assert_allclose(stats[0][key], second[0], rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(stats[-1][key], initial)
+
+
+def test_batch_renorm_estimator_is_ema_only(rng):
+    with pytest.raises(ValueError, match="estimator='ema' only"):
+        normzoo.BatchRenorm(use_running_average=False, estimator="cumulative").init(
+            jax.random.key(0), _x(rng))

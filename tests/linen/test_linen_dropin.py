@@ -27,7 +27,8 @@ def _fields(cls):
 
 # ---------------------------------------------------------------- API surface
 #: Fields normzoo adds after flax's (a default that keeps flax's behaviour).
-EXTRA_FIELDS = {"BatchNorm": {"virtual_batch_size": None, "unbiased_running_var": False}}
+EXTRA_FIELDS = {"BatchNorm": {"virtual_batch_size": None, "unbiased_running_var": False,
+                              "estimator": "ema"}}
 
 
 @pytest.mark.parametrize("name", DROPIN)

@@ -54,6 +54,7 @@ LINEN_CASES = {
     "dense-bn_noaffine": (False, nn.BatchNorm, True, (("use_scale", False), ("use_bias", False))),
     "dense-centering": (False, normzoo.Centering, True, ()),
     "dense-cumulative": (False, normzoo.Standardization, True, (("estimator", "cumulative"),)),
+    "conv-batch_renorm": (True, normzoo.BatchRenorm, True, ()),
 }
 
 
@@ -120,6 +121,7 @@ NNX_CASES = {
     "linear-normzoo_bn": ("linear", znnx.BatchNorm, True, {"epsilon": 1e-3}),
     "conv-flax_bn": ("conv", nnx.BatchNorm, True, {"use_scale": False}),
     "conv_nobias-normzoo_bn": ("conv", znnx.BatchNorm, False, {"use_bias": False}),
+    "linear-batch_renorm": ("linear", znnx.BatchRenorm, True, {}),
 }
 
 
