@@ -17,10 +17,23 @@ def pair(name, **kwargs):
 
 
 def init_both(name, x, key=0, call_kwargs=None, **kwargs):
+    """(flax layer, normzoo layer, flax's variables, normzoo's variables): each ``init``
+    compiled as one program (eager, each of its many small ops would compile on its own)."""
     ref, nz = pair(name, **kwargs)
     call_kwargs = call_kwargs or {}
     k = jax.random.key(key)
-    return ref, nz, ref.init(k, x, **call_kwargs), nz.init(k, x, **call_kwargs)
+    return ref, nz, jit_init(ref, k, x, **call_kwargs), jit_init(nz, k, x, **call_kwargs)
+
+
+def jit_init(layer, key, *args, **kwargs):
+    """``layer.init(key, *args, **kwargs)`` compiled as one program (keyword arguments fixed)."""
+    return jax.jit(lambda k, *a: layer.init(k, *a, **kwargs))(key, *args)
+
+
+def jit_apply(layer, variables, *args, **kwargs):
+    """``layer.apply(variables, *args, **kwargs)`` compiled as one program (keyword arguments
+    fixed), not an eager compile of each of its small ops."""
+    return jax.jit(lambda v, *a: layer.apply(v, *a, **kwargs))(variables, *args)
 
 
 def assert_trees_equal(a, b, exact=True, **tol):
