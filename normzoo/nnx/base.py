@@ -147,18 +147,18 @@ class Normalization(nnx.Module):
             setattr(self, key, nnx.BatchStat(stored(key, value)))
         param_dtype = getattr(twin, "param_dtype", jnp.float32)
         specs = twin.param_specs(shape)
-        for name, init, param_shape in specs:
+        for var_name, init, param_shape in specs:
             metadata = {"scale": scale_metadata, "coloring": scale_metadata,
-                        "bias": bias_metadata}.get(name, {})
+                        "bias": bias_metadata}.get(var_name, {})
             value = init(rngs.params(), param_shape, param_dtype)
-            setattr(self, name, nnx.Param(stored(name, value), **metadata))
-        declared = {name for name, *_ in specs}
+            setattr(self, var_name, nnx.Param(stored(var_name, value), **metadata))
+        declared = {var_name for var_name, *_ in specs}
         for key in ("scale", "bias"):  # flax.nnx keeps a None attribute for an unused param
             if key not in declared and hasattr(twin, f"use_{key}"):
                 setattr(self, key, nnx.data(None))
         #: Which variables the call reads (params, running statistics), and those stored
         #: flat as (num_features,), reshaped to the input's feature axes.
-        self.param_names = tuple(name for name, *_ in specs)
+        self.param_names = tuple(var_name for var_name, *_ in specs)
         self.stat_names = tuple(stats)
         self.feature_names = tuple(along_features)
 
