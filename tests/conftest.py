@@ -4,6 +4,9 @@ Eight simulated CPU devices for the ``shard_map`` / ``pmap`` tests: the flag mus
 ``XLA_FLAGS`` before jax is first imported, so it is set here, at conftest import time,
 appended to whatever the user already has. Nothing else is enabled globally: a float64
 test asks for the ``x64`` fixture, which enables 64-bit types for that test only.
+
+When collection ends, the checks that run in fresh processes start beside the in-process
+tests (tests/background.py; a module opts in with ``background_jobs(items)``).
 """
 
 import os
@@ -17,6 +20,29 @@ else:  # keep the user's own setting (setdefault semantics)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import background  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Starts the selected tests' fresh-process checks (tests/background.py): each test
+    module's ``background_jobs(items)``, given its selected items, yields
+    ``(key, function, args)``."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
+        return  # nothing runs (or an xdist worker: it runs only a share of the items)
+    modules = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None:
+            modules.setdefault(module, []).append(item)
+    for module, items in modules.items():
+        jobs = getattr(module, "background_jobs", None)
+        for key, fn, args in jobs(items) if callable(jobs) else ():
+            background.submit(key, fn, *args)
+
+
+def pytest_sessionfinish(session):
+    background.shutdown()
 
 
 @pytest.fixture

@@ -3,15 +3,19 @@
 In a fresh process with default settings the layers start no compiler, leave normzoo's
 cache untouched, import nothing from normzoo.backends and put no normzoo custom call into
 any program; and no module of the library outside normzoo/backends imports a private JAX
-module.
+module. (The fresh process starts when collection ends, beside the other tests:
+tests/background.py.)
 """
 
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+
+import background
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +60,29 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_default_path_starts_no_compiler_and_places_no_custom_call(tmp_path):
-    cache = tmp_path / "cache"
-    env = dict(os.environ, NORMZOO_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
-    env.pop("NORMZOO_CPU_KERNELS", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def _run_script(environ):
+    """SCRIPT's run in a fresh process with a fresh (absent) normzoo cache, and whether that
+    cache exists after it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        env = dict(environ, NORMZOO_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
+        env.pop("NORMZOO_CPU_KERNELS", None)
+        done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        return done, cache.exists()
+
+
+def background_jobs(items):
+    """The script's run, started when collection ends (tests/background.py)."""
+    if any(item.name == "test_default_path_starts_no_compiler_and_places_no_custom_call"
+           for item in items):
+        yield "default_path", _run_script, (dict(os.environ),)
+
+
+def test_default_path_starts_no_compiler_and_places_no_custom_call():
+    done, cache_exists = background.result("default_path", _run_script, dict(os.environ))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-    assert not cache.exists()  # nothing compiled or cached
+    assert not cache_exists  # nothing compiled or cached
     assert "compiling" not in done.stderr
 
 

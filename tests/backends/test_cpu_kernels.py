@@ -2,8 +2,15 @@
 pure-JAX path through every layer, and their build and fallback. Every test here skips
 where the kernels are not available (no C++ compiler)."""
 
+import atexit
 import dataclasses
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -11,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import background
 import normzoo
 import normzoo.backends.cpu as cpu_kernels
 from normzoo.backends.cpu import ffi, library, linear, plan
@@ -20,12 +28,28 @@ if not cpu_kernels.available():  # pragma: no cover - every CI machine has g++
                 f"path serves", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def every_size():
-    """The kernels on, for tiny test arrays too (by default only x of MIN_SIZE on), also in
-    this test process's 8 simulated devices (the inputs here are not sharded)."""
+@pytest.fixture(scope="module")
+def _kernels_for_every_size():
     with cpu_kernels.enabled(True, multi_device=True), cpu_kernels.min_size(0, 0):
         yield
+
+
+@pytest.fixture(autouse=True)
+def every_size(_kernels_for_every_size):
+    """The kernels on, for tiny test arrays too (by default only x of MIN_SIZE on), also in
+    this test process's 8 simulated devices (the inputs here are not sharded).
+
+    Switched once for the module (each switch clears jax's caches, so every later eager op
+    would compile again); a test that left another state behind (``test_switches``,
+    ``test_failed_build_falls_back_with_a_warning``) gets it put back before the next one,
+    with its caches cleared, as the switches themselves do.
+    """
+    if not (cpu_kernels.is_enabled() and plan.SETTINGS["multi_device"]
+            and cpu_kernels.MIN_SIZE == {"forward": 0, "backward": 0}):
+        assert cpu_kernels.enable(multi_device=True)
+        cpu_kernels.MIN_SIZE.update(forward=0, backward=0)
+        jax.clear_caches()
+    yield
 
 
 def test_minimum_sizes_pick_the_xla_path_for_small_arrays():
@@ -285,10 +309,18 @@ def _layer(name, dtype, rng, loc):
     """The layer, an input (4, 6, 5, 16) around ``loc`` and variables off their init."""
     layer = getattr(normzoo, name.split("_")[0])(dtype=dtype, **LAYERS[name])
     x = jnp.asarray(loc + rng.standard_normal((4, 6, 5, 16)), jnp.float32).astype(dtype)
-    variables = layer.init(jax.random.key(0), x)
-    variables = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
-                             variables)
-    return layer, x, variables
+
+    @jax.jit  # one program, not an eager op at a time (each compiled after a kernel switch)
+    def init(key, x):
+        return jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size,
+                            layer.init(key, x))
+
+    return layer, x, init(jax.random.key(0), x)
+
+
+def _top(e):
+    """max |e| in float32 (NumPy: no eager jax op to compile)."""
+    return float(np.max(np.abs(np.asarray(e, np.float32))))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -334,8 +366,8 @@ def test_layer_under_vmap_grad_and_forward_mode():
                                rtol=2e-5, atol=2e-5)
     small = x[0, :2, :5]
     v = layer.init(jax.random.key(0), small)
-    hessian = lambda mod: jax.hessian(  # noqa: E731
-        lambda x: jnp.sum(jnp.sin(mod.apply(v, x.reshape(2, 5)))))(small.reshape(-1))
+    hessian = lambda mod: jax.jit(jax.hessian(  # noqa: E731
+        lambda x: jnp.sum(jnp.sin(mod.apply(v, x.reshape(2, 5))))))(small.reshape(-1))
     np.testing.assert_allclose(hessian(ours), hessian(layer), rtol=1e-3, atol=1e-4)
 
 
@@ -458,12 +490,13 @@ def test_backward_kernel_is_the_transpose_of_the_tangent(name, dtype):
     view, x, scale, _, cts = _backward_inputs(name, dtype)
     view = dataclasses.replace(view, out_dtype=jnp.dtype(dtype))
     cts = (cts[0].astype(dtype),) + cts[1:]
-    mean, var = _moments(view, x)
+    mean, var = jax.jit(_moments, static_argnums=0)(view, x)
     got = jax.jit(lambda *a: linear.cotangent_p.bind(*a, view=view))(x, scale, mean, var, *cts)
-    expected = linear._reference_cotangent(view, x, scale, mean, var, *cts)
+    expected = jax.jit(linear._reference_cotangent, static_argnums=0)(
+        view, x, scale, mean, var, *cts)
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     for a, e in zip(got, expected):
-        scale_of = float(jnp.max(jnp.abs(e.astype(jnp.float32)))) + 1e-6
+        scale_of = _top(e) + 1e-6
         np.testing.assert_allclose(np.asarray(a, np.float32) / scale_of,
                                    np.asarray(e, np.float32) / scale_of, atol=tol)
 
@@ -473,7 +506,7 @@ def test_tangent_and_cotangent_are_adjoint(name):
     # <ct, T(t)> == <T'(ct), t> for the primitives as JAX runs them (jvp in XLA, transpose on
     # the kernel): the backward is exactly the transpose of the forward-mode derivative.
     view, x, scale, _, cts = _backward_inputs(name)
-    mean, var = _moments(view, x)
+    mean, var = jax.jit(_moments, static_argnums=0)(view, x)
     rng = np.random.default_rng(1)
     t = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
          jnp.asarray(rng.standard_normal(scale.shape), jnp.float32),
@@ -509,7 +542,7 @@ def test_layer_gradients_native_and_xla_agree(name, dtype):
             variables["params"], x)
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        top = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+        top = _top(e)
         np.testing.assert_allclose(np.asarray(a, np.float32) / top,
                                    np.asarray(e, np.float32) / top, atol=tol)
     kind = "grouped" if name.startswith(("BatchNorm", "GroupNorm", "InstanceNorm")) else "row"
@@ -543,7 +576,7 @@ def test_batchnorm_at_inference_gradients_match_flax(dtype):
     assert "normzoo_channel_affine" in jax.jit(ours.apply).lower(variables, x).as_text()
     got, expected = grad(variables, x), jax.grad(loss(flax_bn), argnums=(0, 1))(variables, x)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        top = float(jnp.max(jnp.abs(e.astype(jnp.float32))))
+        top = _top(e)
         np.testing.assert_allclose(np.asarray(a, np.float32) / top,
                                    np.asarray(e, np.float32) / top, atol=2e-6)
     tangent = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
@@ -579,7 +612,7 @@ def test_given_statistics_gradients_native_and_xla_agree(operation):
         expected = jax.jit(jax.grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3)))(
             x, stats, scale, bias)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(e))))
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * _top(e))
 
 
 def test_native_backward_under_vmap_and_second_order():
@@ -590,57 +623,47 @@ def test_native_backward_under_vmap_and_second_order():
     layer = normzoo.GroupNorm(num_groups=2)
     v = layer.init(jax.random.key(0), x[0, :, None, :])
     loss = lambda x: jnp.sum(jnp.sin(layer.apply(v, x[:, None, :])))  # noqa: E731
+    # Jitted: eager, each of their many small ops would compile on its own. (Eager grad,
+    # the primitives' own impl: test_layer_under_vmap_grad_and_forward_mode.)
     with cpu_kernels.enabled(False):
-        grads_xla = jax.vmap(jax.grad(lambda x: loss(x)))(x)
-        hess_xla = jax.hessian(lambda x: loss(x))(x[0])
-    np.testing.assert_allclose(jax.vmap(jax.grad(loss))(x), grads_xla, rtol=1e-4, atol=1e-5)
+        grads_xla = jax.jit(jax.vmap(jax.grad(lambda x: loss(x))))(x)
+        hess_xla = jax.jit(jax.hessian(lambda x: loss(x)))(x[0])
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss)))(x), grads_xla, rtol=1e-4,
+                               atol=1e-5)
     assert "backward" in jax.jit(jax.grad(loss)).lower(x[0]).as_text()
-    np.testing.assert_allclose(jax.hessian(loss)(x[0]), hess_xla, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(jax.hessian(loss))(x[0]), hess_xla, rtol=1e-3,
+                               atol=1e-4)
 
 
-@pytest.mark.parametrize("flags", ["-mno-avx512bf16", "-mno-avx512f"])
-def test_bfloat16_rounding_without_avx512_bf16(tmp_path, flags):
-    # Machines without AVX512-BF16 round in the kernels' own code (AVX-512F intrinsics, or
-    # the portable vector code without AVX-512): build each variant in a fresh process and
-    # cache and compare its rounding with XLA's, bit for bit (a NaN included).
-    import subprocess
-    import sys
-    import textwrap
+# ------------------------------------------- builds with other flags, run in fresh processes
 
-    script = textwrap.dedent("""
-        import jax, jax.numpy as jnp, numpy as np
-        from normzoo.backends.cpu import ffi, library
-        assert library.load(), library.failure()
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((7, 37)) * 3 + 1, jnp.float32)
-        x = x.at[2, 5].set(jnp.nan)
-        y, _, _ = ffi.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
-                                       centered=True, out_dtype=jnp.bfloat16)
-        f, _, _ = ffi.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
-                                       centered=True, out_dtype=jnp.float32)
-        np.testing.assert_array_equal(np.asarray(y, np.float32),
-                                      np.asarray(f.astype(jnp.bfloat16), np.float32))
-        # Exact ties (to even), specials and overflow to inf, written by the output pass
-        # with shift 0, mul 1, bias 0 (so y = x), in vector lanes and a scalar tail. (Not
-        # denormals: XLA's threads flush them to zero in arithmetic, not only in rounding.)
-        u = 2.0 ** -8
-        special = [1 + u, 1 + 3 * u, -(1 + u), 2 + 2 * u, 3.4e38, -3.4e38, np.inf, -np.inf,
-                   np.nan, 1e-30, 7.0, 0.5 + u / 2, 1 + u / 2 + 2.0 ** -20]
-        x = np.resize(np.asarray(special, np.float32), (4, 19))
-        x[1] = -x[1]
-        y = ffi.channel_affine(jnp.asarray(x), jnp.zeros(19), jnp.ones(19), jnp.zeros(19),
-                                  out_dtype=jnp.bfloat16, in_place=False)
-        np.testing.assert_array_equal(np.asarray(y, np.float32),
-                                      np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32))
-        print("ok")
-    """)
-    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path),
-               NORMZOO_NATIVE_CFLAGS=flags)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-    assert list(tmp_path.glob("normzoo_cpu-*.so"))
-
+_ROUNDING_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from normzoo.backends.cpu import ffi, library
+    assert library.load(), library.failure()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((7, 37)) * 3 + 1, jnp.float32)
+    x = x.at[2, 5].set(jnp.nan)
+    y, _, _ = ffi.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
+                                   centered=True, out_dtype=jnp.bfloat16)
+    f, _, _ = ffi.row_normalize(x, jnp.ones(37), jnp.zeros(37), epsilon=1e-6,
+                                   centered=True, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(f.astype(jnp.bfloat16), np.float32))
+    # Exact ties (to even), specials and overflow to inf, written by the output pass
+    # with shift 0, mul 1, bias 0 (so y = x), in vector lanes and a scalar tail. (Not
+    # denormals: XLA's threads flush them to zero in arithmetic, not only in rounding.)
+    u = 2.0 ** -8
+    special = [1 + u, 1 + 3 * u, -(1 + u), 2 + 2 * u, 3.4e38, -3.4e38, np.inf, -np.inf,
+               np.nan, 1e-30, 7.0, 0.5 + u / 2, 1 + u / 2 + 2.0 ** -20]
+    x = np.resize(np.asarray(special, np.float32), (4, 19))
+    x[1] = -x[1]
+    y = ffi.channel_affine(jnp.asarray(x), jnp.zeros(19), jnp.ones(19), jnp.zeros(19),
+                              out_dtype=jnp.bfloat16, in_place=False)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32))
+    print("ok", library.library_path())
+""")
 
 _STREAM_SCRIPT = """
 import dataclasses, sys
@@ -687,58 +710,142 @@ np.savez(sys.argv[1], **out)
 print("ok")
 """
 
+_VARIANT_CACHE: list[Path] = []
 
-def _outputs_built_with(tmp_path, cflags: str | None, name: str):
-    """_STREAM_SCRIPT's 16 outputs from kernels built with ``cflags`` (in a fresh process
-    and cache), or from this process's own build when ``cflags`` is None."""
-    import runpy
-    import subprocess
-    import sys
 
-    script = tmp_path / "outputs.py"
-    script.write_text(_STREAM_SCRIPT)
-    out = tmp_path / f"{name}.npz"
-    if cflags is None:
-        argv = sys.argv
-        try:
-            sys.argv = [str(script), str(out)]
-            runpy.run_path(str(script), run_name="__main__")
-        finally:
-            sys.argv = argv
-    else:
-        env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path / f"cache_{name}"),
-                   NORMZOO_NATIVE_CFLAGS=cflags)
-        done = subprocess.run([sys.executable, str(script), str(out)], env=env,
+def _variant_cache() -> Path:
+    """One fresh normzoo cache (not this process's) for every variant build of the session:
+    its names are keyed by the flags, so each variant is compiled once, however many of the
+    tests below load it. Removed when the process exits."""
+    if not _VARIANT_CACHE:
+        path = Path(tempfile.mkdtemp(prefix="normzoo-variants-"))
+        atexit.register(shutil.rmtree, path, True)
+        _VARIANT_CACHE.append(path)
+    return _VARIANT_CACHE[0]
+
+
+def _rounding_run(flags: str, cache: Path, environ: dict):
+    """_ROUNDING_SCRIPT's run in a fresh process on kernels built with ``flags``."""
+    env = dict(environ, NORMZOO_CACHE_DIR=str(cache), NORMZOO_NATIVE_CFLAGS=flags)
+    return subprocess.run([sys.executable, "-c", _ROUNDING_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _variant_outputs(cflags: str, cache: Path, environ: dict):
+    """_STREAM_SCRIPT's run in a fresh process on kernels built with ``cflags``: the run,
+    and its outputs (a dict) where it wrote them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "outputs.npz"
+        env = dict(environ, NORMZOO_CACHE_DIR=str(cache), NORMZOO_NATIVE_CFLAGS=cflags)
+        done = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, str(out)], env=env,
                               capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
-    outputs = np.load(out)
-    assert len(outputs.files) == 16
+        if not out.exists():
+            return done, None
+        with np.load(out) as outputs:
+            return done, dict(outputs)
+
+
+def _variant_job(kind: str, flags: str, environ: dict | None = None):
+    """(key, function, args) of the fresh-process run ``kind`` ("rounding" or "outputs")
+    on the build with ``flags``, in ``environ`` (default: this moment's)."""
+    fn = _rounding_run if kind == "rounding" else _variant_outputs
+    args = (flags, _variant_cache(), environ or dict(os.environ))
+    return ("cpu_kernels", kind, flags), fn, args
+
+
+def _variant_result(kind: str, flags: str):
+    key, fn, args = _variant_job(kind, flags)
+    return background.result(key, fn, *args)
+
+
+#: The fresh-process runs (kind, flags) each test below asks for. They start in this order,
+#: the two rounding runs first, so that runs started together build different variants
+#: (a run whose variant another process is building waits for it on the build's lock).
+_VARIANT_RUNS = {
+    "test_bfloat16_rounding_without_avx512_bf16": [("rounding", "-mno-avx512bf16"),
+                                                   ("rounding", "-mno-avx512f")],
+    "test_streamed_outputs_are_the_plain_stores_values": [
+        ("outputs", "-DNZ_STREAM_BYTES=0"), ("outputs", "-DNZ_STREAM_BYTES=0 -mno-avx512bf16"),
+        ("outputs", "-mno-avx512bf16")],
+    "test_generic_vector_code_matches_the_avx512_build": [("outputs", "-mno-avx512f")],
+}
+
+
+def background_jobs(items):
+    """The selected tests' fresh-process runs (each compiles its variant, or waits for its
+    build), started when collection ends, beside the in-process tests (tests/background.py):
+    their compilers and jax imports take most of these tests' time."""
+    names = {getattr(item, "originalname", item.name) for item in items}
+    runs = [run for name, rs in _VARIANT_RUNS.items() if name in names for run in rs]
+    environ = dict(os.environ)
+    for kind, flags in sorted(dict.fromkeys(runs), key=lambda r: r[0] != "rounding"):
+        yield _variant_job(kind, flags, environ)
+
+
+def _outputs_of(done, outputs):
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    assert outputs is not None and len(outputs) == 16
+    return outputs
+
+
+@pytest.mark.parametrize("flags", ["-mno-avx512bf16", "-mno-avx512f"])
+def test_bfloat16_rounding_without_avx512_bf16(flags):
+    # Machines without AVX512-BF16 round in the kernels' own code (AVX-512F intrinsics, or
+    # the portable vector code without AVX-512): load each variant, built into a cache of
+    # its own, in a fresh process and compare its rounding with XLA's, bit for bit (a NaN
+    # included).
+    done = _variant_result("rounding", flags)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+    # The library it loaded: this variant's, in the variant cache (not this process's).
+    loaded = Path(done.stdout.split()[-1])
+    assert loaded.parent == _variant_cache() and loaded.exists(), done.stdout
+    assert loaded != cpu_kernels.library_path()
+
+
+@pytest.fixture(scope="module")
+def own_build_outputs(tmp_path_factory):
+    """_STREAM_SCRIPT's 16 outputs (a dict) from this process's own build, computed once for
+    the tests that compare a variant build with it (deterministic: one script and seed)."""
+    import runpy
+
+    tmp = tmp_path_factory.mktemp("own_build")
+    script, out = tmp / "outputs.py", tmp / "outputs.npz"
+    script.write_text(_STREAM_SCRIPT)
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(out)]
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    with np.load(out) as outputs:
+        outputs = dict(outputs)
+    assert len(outputs) == 16
     return outputs
 
 
 @pytest.mark.parametrize("flags", ["", "-mno-avx512bf16"])
-def test_streamed_outputs_are_the_plain_stores_values(tmp_path, flags):
+def test_streamed_outputs_are_the_plain_stores_values(flags, own_build_outputs):
     # Outputs of at least NZ_STREAM_BYTES of traffic are written with non-temporal stores: a
     # build with the threshold at 0 streams every aligned output (forward into a fresh y,
     # every backward); its outputs must be bit for bit those of a build with the same flags
     # that streams nothing this small (this process's own build for the default flags). Also
     # without AVX512-BF16 (bfloat16 rounded by the kernels' AVX-512F code).
-    streamed = _outputs_built_with(tmp_path, f"-DNZ_STREAM_BYTES=0 {flags}".strip(), "streamed")
-    plain = _outputs_built_with(tmp_path, flags or None, "plain")
-    assert sorted(streamed.files) == sorted(plain.files)
-    for key in plain.files:
+    streamed = _outputs_of(*_variant_result("outputs", f"-DNZ_STREAM_BYTES=0 {flags}".strip()))
+    plain = _outputs_of(*_variant_result("outputs", flags)) if flags else own_build_outputs
+    assert sorted(streamed) == sorted(plain)
+    for key in plain:
         np.testing.assert_array_equal(streamed[key], plain[key], err_msg=key)
 
 
-def test_generic_vector_code_matches_the_avx512_build(tmp_path):
+def test_generic_vector_code_matches_the_avx512_build(own_build_outputs):
     # Machines without AVX-512 (most of them) run the kernels' generic vector code: the
     # bfloat16 widening and rounding, the float sums, no dot products, no streaming. A build
     # with -mno-avx512f computes the same 16 outputs as this process's AVX-512 build, to
     # float32 rounding (bfloat16 outputs to one bfloat16 rounding).
-    generic = _outputs_built_with(tmp_path, "-mno-avx512f", "generic")
-    avx512 = _outputs_built_with(tmp_path, None, "avx512")
-    assert sorted(generic.files) == sorted(avx512.files)
-    for key in avx512.files:
+    generic = _outputs_of(*_variant_result("outputs", "-mno-avx512f"))
+    avx512 = own_build_outputs
+    assert sorted(generic) == sorted(avx512)
+    for key in avx512:
         bf16 = key.endswith("bfloat16")
         np.testing.assert_allclose(generic[key], avx512[key], rtol=2**-7 if bf16 else 2e-5,
                                    atol=1e-2 if bf16 else 2e-5, err_msg=key)

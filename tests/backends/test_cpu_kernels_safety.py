@@ -5,6 +5,7 @@ kernels on at the default sizes. Every test skips where the kernels are not avai
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import background
 import normzoo
 import normzoo.backends.cpu as cpu_kernels
 import normzoo.functional as F
@@ -95,34 +97,77 @@ def test_concurrent_first_uses_share_one_build(tmp_path, monkeypatch, capfd):
     assert sum(e.count("normzoo: compiling") for e in errs) == 1, errs
 
 
-def test_truncated_cached_kernels_are_rebuilt_in_a_fresh_process(tmp_path):
+_TRUNCATED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    import normzoo.backends.cpu as cpu_kernels
+    import normzoo.functional as F
+    assert cpu_kernels.enable(multi_device=True), cpu_kernels.failure()
+    x = jnp.ones((512, 256)) * jnp.arange(256.0)
+    f = jax.jit(lambda x: F.layer_norm(x, jnp.ones(256), jnp.zeros(256)))
+    assert "normzoo_row_norm" in f.lower(x).as_text()
+    print("ok", float(f(x).sum()))
+""")
+
+
+def _truncated_library():
+    """(file name, bytes, build record) of the kernels' own library built with -O0 (quicker
+    to compile; a name of its own), truncated after an intact build: its record still says
+    the whole size and hash. Read in the main thread, before the job runs (the names depend
+    on settings some tests monkeypatch)."""
+    flags = library.flags() + ["-O0"]
+    name = library.cached_path(library.SOURCE, flags, "normzoo_cpu", ".so").name
+    whole = cpu_kernels.library_path()
+    size, digest = (whole.with_name(whole.name + ".sha256")).read_text().split()
+    return name, whole.read_bytes()[: int(size) // 2], f"{size} {digest}\n"
+
+
+def _truncated_run(truncated, environ):
+    """That truncated library in a fresh cache, then a fresh process that uses the kernels:
+    its run, and whether the library is intact after it."""
+    name, data, record = truncated
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / name
+        target.write_bytes(data)
+        target.with_name(target.name + ".sha256").write_text(record)
+        env = dict(environ, NORMZOO_CACHE_DIR=tmp, NORMZOO_NATIVE_CFLAGS="-O0")
+        env.pop("NORMZOO_CPU_KERNELS", None)
+        done = subprocess.run([sys.executable, "-c", _TRUNCATED_SCRIPT], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        return done, library.is_intact(target)
+
+
+_ENV_SCRIPT = ("import normzoo, sys; import normzoo.backends.cpu as k; "
+               "print(k.is_enabled(), 'normzoo.backends.cpu' in sys.modules)")
+
+
+def _env_run(value, environ):
+    env = dict(environ, NORMZOO_CPU_KERNELS=value)
+    return subprocess.run([sys.executable, "-c", _ENV_SCRIPT], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def background_jobs(items):
+    """The fresh-process runs below, started when collection ends, beside the in-process
+    tests (tests/background.py), in the environment of that moment."""
+    names = {item.name for item in items}
+    environ = dict(os.environ)
+    if "test_truncated_cached_kernels_are_rebuilt_in_a_fresh_process" in names:
+        yield "cpu_kernels_truncated", _truncated_run, (_truncated_library(), environ)
+    if "test_environment_variable_enables_the_kernels_at_import" in names:
+        for value in ("1", "0"):
+            yield ("cpu_kernels_env", value), _env_run, (value, environ)
+
+
+def test_truncated_cached_kernels_are_rebuilt_in_a_fresh_process():
     # The kernels' own library, truncated in the cache after an intact build (its record
     # still says the whole size and hash): a fresh process that uses the kernels rebuilds
     # it and runs, where mapping the truncated file would kill it with SIGBUS. Built with
     # -O0 into a fresh cache (quicker to compile; a name of its own).
-    flags = library.flags() + ["-O0"]
-    target = (tmp_path / library.cached_path(library.SOURCE, flags, "normzoo_cpu", ".so").name)
-    whole = cpu_kernels.library_path()
-    size, digest = (whole.with_name(whole.name + ".sha256")).read_text().split()
-    target.write_bytes(whole.read_bytes()[: int(size) // 2])
-    target.with_name(target.name + ".sha256").write_text(f"{size} {digest}\n")
-    script = textwrap.dedent("""
-        import jax, jax.numpy as jnp
-        import normzoo.backends.cpu as cpu_kernels
-        import normzoo.functional as F
-        assert cpu_kernels.enable(multi_device=True), cpu_kernels.failure()
-        x = jnp.ones((512, 256)) * jnp.arange(256.0)
-        f = jax.jit(lambda x: F.layer_norm(x, jnp.ones(256), jnp.zeros(256)))
-        assert "normzoo_row_norm" in f.lower(x).as_text()
-        print("ok", float(f(x).sum()))
-    """)
-    env = dict(os.environ, NORMZOO_CACHE_DIR=str(tmp_path), NORMZOO_NATIVE_CFLAGS="-O0")
-    env.pop("NORMZOO_CPU_KERNELS", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done, intact = background.result("cpu_kernels_truncated", _truncated_run,
+                                     _truncated_library(), dict(os.environ))
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
     assert done.stderr.count("normzoo: compiling") == 1
-    assert library.is_intact(target)
+    assert intact
 
 
 # ----------------------------------------------------------------------------- the switch
@@ -158,12 +203,8 @@ def test_enable_and_disable_retrace_functions_jitted_before():
 
 
 def test_environment_variable_enables_the_kernels_at_import():
-    script = ("import normzoo, sys; import normzoo.backends.cpu as k; "
-              "print(k.is_enabled(), 'normzoo.backends.cpu' in sys.modules)")
     for value, expected in (("1", "True True"), ("0", "False True")):
-        env = dict(os.environ, NORMZOO_CPU_KERNELS=value)
-        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        done = background.result(("cpu_kernels_env", value), _env_run, value, dict(os.environ))
         assert done.stdout.strip() == expected, done.stderr[-2000:]
 
 

@@ -223,7 +223,7 @@ def _linen_case(name):
     x, v, d, c = (np.random.default_rng(i).standard_normal(shape) for i in range(4))
     x, d = x + 0.5, 0.5 + np.abs(d)
     model = cls(param_dtype=jnp.float64, **kw)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)  # (setup: one program, not eager)
     p = _params(shape)  # non-trivial params and running statistics
     params = {k: jnp.asarray(p["gamma" if k == "scale" else "beta"]) for k in variables["params"]}
     rest = {}
@@ -346,13 +346,18 @@ def _big_inputs(name):
     return x, jax.random.normal(key[1], shape), jax.random.normal(key[2], shape), p
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _big_formula(name):
-    """The plain jnp formula's derivatives, shared by the kernels-off and -on runs."""
+    """The plain jnp formula's derivatives, shared by the kernels-off and -on runs of
+    ``name`` (which run one after the other: see the parametrization below)."""
     out = jax.jit(lambda *a: _second_orders(BIG[name][2], *a))(*_big_inputs(name))
     return tuple(np.asarray(a) for a in out)
 
 
+# The kernel switch varies fastest, so the kernels-off and -on runs of a layer are
+# neighbours and share one _big_formula (the conftest fixture's params, made explicit).
+@pytest.mark.parametrize("cpu_kernels", [False, True], ids=["kernels_off", "kernels_on"],
+                         indirect=True)
 @pytest.mark.parametrize("name", list(BIG))
 def test_second_derivatives_above_kernel_thresholds(name, cpu_kernels):
     assert np.prod(BIG[name][0]) >= 2**21

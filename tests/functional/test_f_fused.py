@@ -59,10 +59,12 @@ def test_matches_flax_values_and_gradients(name):
     ours, module = LAYERS[name]
     x, dy, s, b = _data()
     theirs = lambda x, s, b: _flax(module, x, s, b)  # noqa: E731
-    np.testing.assert_allclose(ours(x, s, b), theirs(x, s, b), rtol=2e-5, atol=2e-5)
+    # jitted, both: eager, each of the many small ops would compile on its own
+    np.testing.assert_allclose(jax.jit(ours)(x, s, b), jax.jit(theirs)(x, s, b), rtol=2e-5,
+                               atol=2e-5)
     loss = lambda f: lambda x, s, b: jnp.sum(f(x, s, b) * dy)  # noqa: E731
-    g_ours = jax.grad(loss(ours), argnums=(0, 1, 2))(x, s, b)
-    g_theirs = jax.grad(loss(theirs), argnums=(0, 1, 2))(x, s, b)
+    g_ours = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(x, s, b)
+    g_theirs = jax.jit(jax.grad(loss(theirs), argnums=(0, 1, 2)))(x, s, b)
     for a, e in zip(g_ours, g_theirs):
         np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5)
 
@@ -77,10 +79,10 @@ def test_check_grads_forward_and_reverse(name):
 
 def test_group_norm_large_mean_and_statistics():
     x, _, s, b = _data(2, loc=1e4)
-    y = F.group_norm(x, s, b, num_groups=4)
+    y = jax.jit(lambda x: F.group_norm(x, s, b, num_groups=4))(x)
     xhat = np.asarray((y - b) / s, np.float64).reshape(SHAPE[0], -1, 4, 3)
     np.testing.assert_allclose(xhat.std(axis=(1, 3)), 1.0, rtol=2e-2)
-    stats = F.statistics(x, (1, 2, 3), num_groups=4)
+    stats = jax.jit(lambda x: F.statistics(x, (1, 2, 3), num_groups=4))(x)
     x64 = np.asarray(x, np.float64).reshape(SHAPE[:-1] + (4, 3))
     np.testing.assert_allclose(stats["var"], x64.var(axis=(1, 2, 4)), rtol=2e-2)
 
@@ -99,7 +101,8 @@ def test_group_norm_gradient_through_statistics():
                                                feature_axes=(3,), mask=jnp.ones(SHAPE, bool))
         return jnp.sum(y) + jnp.sum(stats["mean"] ** 2) + jnp.sum(jnp.sqrt(stats["var"]))
 
-    np.testing.assert_allclose(jax.grad(fused)(x), jax.grad(general)(x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(fused))(x), jax.jit(jax.grad(general))(x),
+                               rtol=1e-4, atol=1e-5)
 
 
 # (reduction axes, feature axes) of LayerNorm / RMSNorm in the NHWC test shape: the scale
@@ -128,8 +131,8 @@ def test_row_norm_gradients_match_autodiff(axes, features, centered):
             return jnp.sum(y * dy) + sum(jnp.sum(jnp.sin(v)) for v in stats.values())
         return f
 
-    fused = jax.grad(loss(None), argnums=(0, 1, 2))(x, s, b)
-    general = jax.grad(loss(jnp.ones(SHAPE, bool)), argnums=(0, 1, 2))(x, s, b)
+    fused = jax.jit(jax.grad(loss(None), argnums=(0, 1, 2)))(x, s, b)
+    general = jax.jit(jax.grad(loss(jnp.ones(SHAPE, bool)), argnums=(0, 1, 2)))(x, s, b)
     for a, e in zip(fused, general):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
     with x64():
@@ -185,7 +188,7 @@ def test_planned_forward_half_precision(name):
     fn, axes, groups = PLANNED[name]
     x, _, s, b = _data(5)
     xb = x.astype(jnp.bfloat16)
-    y = fn(xb, s, b, True)
+    y = jax.jit(lambda x: fn(x, s, b, True))(xb)
     expected = _np_normalized(xb, axes, groups, 1e-5 if name == "bn" else 1e-6)
     np.testing.assert_allclose((np.asarray(y, np.float64) - np.asarray(b)) / np.asarray(s),
                                expected, rtol=2e-2, atol=2e-2)

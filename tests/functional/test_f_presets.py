@@ -17,6 +17,12 @@ def _x(rng, shape, loc=0.3, scale=1.7):
     return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
 
 
+def _jit(fn, *args, **static):
+    """``fn(*args, **static)`` compiled as one program: eager, each of its many small ops
+    would compile on its own."""
+    return jax.jit(lambda *a: fn(*a, **static))(*args)
+
+
 def _params(rng, shape):
     return (1.0 + 0.3 * rng.standard_normal(shape)).astype(np.float32), \
         (0.2 * rng.standard_normal(shape)).astype(np.float32)
@@ -47,10 +53,11 @@ def test_batch_norm_train_matches_flax(rng, axis, shape, masked):
         mask = rng.random(shape) < 0.7
         mask[:2] = True
         x = np.where(mask, x, np.nan).astype(np.float32)
-    y, new = F.batch_norm(x, stats, scale, bias, axis=axis, train=True, momentum=0.9, mask=mask)
+    y, new = _jit(F.batch_norm, x, stats, scale, bias, axis=axis, train=True, momentum=0.9,
+                  mask=mask)
     mod = nn.BatchNorm(use_running_average=False, axis=axis, momentum=0.9)
     variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
-    y_ref, upd = mod.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    y_ref, upd = _jit(mod.apply, variables, x, mask=mask, mutable=["batch_stats"])
     if mask is None:
         np.testing.assert_allclose(y, y_ref, **TOL)
     else:
@@ -64,7 +71,7 @@ def test_batch_norm_train_matches_flax(rng, axis, shape, masked):
 def test_batch_norm_train_numpy_equations(rng):
     x = _x(rng, (16, 3), loc=2.0)
     stats = F.init_batch_stats((3,))
-    y, new = F.batch_norm(x, stats, train=True, momentum=0.8, epsilon=1e-3)
+    y, new = _jit(F.batch_norm, x, stats, train=True, momentum=0.8, epsilon=1e-3)
     np.testing.assert_allclose(y, reference.standardize(x, (0,), 1e-3), **TOL)
     mean, var = reference.moments(x, (0,))
     np.testing.assert_allclose(new["mean"], 0.2 * mean.ravel(), **TOL)
@@ -73,7 +80,7 @@ def test_batch_norm_train_numpy_equations(rng):
 
 def test_batch_norm_defaults_momentum_099_eps_1e5(rng):
     x = (3e-3 * rng.standard_normal((16, 3))).astype(np.float32)  # var ~ eps
-    y, new = F.batch_norm(x, F.init_batch_stats((3,)))
+    y, new = _jit(F.batch_norm, x, F.init_batch_stats((3,)))
     np.testing.assert_allclose(y, reference.standardize(x, (0,), 1e-5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new["mean"], 0.01 * x.mean(0), rtol=1e-4, atol=1e-9)
 
@@ -83,13 +90,13 @@ def test_batch_norm_eval_uses_running_stats_and_returns_them_unchanged(rng):
     scale, bias = _params(rng, (6,))
     stats = {"mean": rng.standard_normal(6).astype(np.float32),
              "var": (0.5 + rng.random(6)).astype(np.float32)}
-    y, new = F.batch_norm(x, stats, scale, bias, train=False, epsilon=1e-5)
+    y, new = _jit(F.batch_norm, x, stats, scale, bias, train=False, epsilon=1e-5)
     ref = (x - stats["mean"]) / np.sqrt(stats["var"].astype(np.float64) + 1e-5) * scale + bias
     np.testing.assert_allclose(y, ref, **TOL)
     np.testing.assert_array_equal(new["mean"], stats["mean"])
     np.testing.assert_array_equal(new["var"], stats["var"])
     mod = nn.BatchNorm(use_running_average=True)
-    y_ref = mod.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x)
+    y_ref = _jit(mod.apply, {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x)
     np.testing.assert_allclose(y, y_ref, **TOL)
 
 
@@ -107,7 +114,7 @@ def test_batch_norm_running_stats_converge(rng):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_batch_norm_half_precision_stats_float32(rng, dtype):
     x = jnp.asarray(_x(rng, (32, 4)), dtype)
-    y, new = F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.0)
+    y, new = _jit(F.batch_norm, x, F.init_batch_stats((4,)), momentum=0.0)
     assert new["mean"].dtype == jnp.float32 and new["var"].dtype == jnp.float32
     xf = np.asarray(x.astype(jnp.float32))
     mean, var = reference.moments(xf, (0,))
@@ -132,14 +139,15 @@ def test_layer_norm_matches_flax(rng, kw):
     x = _x(rng, (2, 3, 4, 5))
     fa = tuple(np.atleast_1d(kw["feature_axes"]) % 4)
     scale, bias = _params(rng, tuple(x.shape[a] for a in fa))
-    y = F.layer_norm(x, scale, bias, **kw)
-    y_ref = nn.LayerNorm(**kw).apply({"params": {"scale": scale, "bias": bias}}, x)
+    y = _jit(F.layer_norm, x, scale, bias, **kw)
+    y_ref = _jit(nn.LayerNorm(**kw).apply, {"params": {"scale": scale, "bias": bias}}, x)
     np.testing.assert_allclose(y, y_ref, **TOL)
 
 
 def test_layer_norm_defaults_numpy(rng):
     x = (1e-3 * rng.standard_normal((3, 7))).astype(np.float32)  # var ~ default eps 1e-6
-    np.testing.assert_allclose(F.layer_norm(x), reference.standardize(x, (1,), 1e-6), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_jit(F.layer_norm, x), reference.standardize(x, (1,), 1e-6),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("use_fast_variance", [True, False])
@@ -149,9 +157,9 @@ def test_layer_norm_mask_matches_flax(rng, use_fast_variance):
     mask[..., :2] = True
     x = np.where(mask, x, np.nan).astype(np.float32)
     scale, bias = _params(rng, (5,))
-    y = F.layer_norm(x, scale, bias, mask=mask, use_fast_variance=use_fast_variance)
-    y_ref = nn.LayerNorm(use_fast_variance=use_fast_variance).apply(
-        {"params": {"scale": scale, "bias": bias}}, x, mask=mask)
+    y = _jit(F.layer_norm, x, scale, bias, mask=mask, use_fast_variance=use_fast_variance)
+    y_ref = _jit(nn.LayerNorm(use_fast_variance=use_fast_variance).apply,
+                 {"params": {"scale": scale, "bias": bias}}, x, mask=mask)
     np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(y_ref)[mask], **TOL)
 
 
@@ -161,11 +169,11 @@ def test_rms_norm_matches_flax(rng, kw):
     x = _x(rng, (2, 3, 4))
     fa = tuple(np.atleast_1d(kw.get("feature_axes", -1)) % 3)
     scale, _ = _params(rng, tuple(x.shape[a] for a in fa))
-    y = F.rms_norm(x, scale, **kw)
-    y_ref = nn.RMSNorm(**kw).apply({"params": {"scale": scale}}, x)
+    y = _jit(F.rms_norm, x, scale, **kw)
+    y_ref = _jit(nn.RMSNorm(**kw).apply, {"params": {"scale": scale}}, x)
     np.testing.assert_allclose(y, y_ref, **TOL)
-    y_noscale = F.rms_norm(x, None, **kw)
-    y_ref = nn.RMSNorm(use_scale=False, **kw).apply({}, x)
+    y_noscale = _jit(F.rms_norm, x, None, **kw)
+    y_ref = _jit(nn.RMSNorm(use_scale=False, **kw).apply, {}, x)
     np.testing.assert_allclose(y_noscale, y_ref, **TOL)
 
 
@@ -174,8 +182,8 @@ def test_rms_norm_mask_matches_flax(rng):
     mask = rng.random(x.shape) < 0.6
     mask[..., :1] = True
     x = np.where(mask, x, np.nan).astype(np.float32)
-    y = F.rms_norm(x, None, mask=mask)
-    y_ref = nn.RMSNorm(use_scale=False).apply({}, x, mask=mask)
+    y = _jit(F.rms_norm, x, None, mask=mask)
+    y_ref = _jit(nn.RMSNorm(use_scale=False).apply, {}, x, mask=mask)
     np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(y_ref)[mask], **TOL)
     z = np.square(np.asarray(y, np.float64)).mean(-1, where=mask)
     np.testing.assert_allclose(z, 1.0, atol=1e-4)
@@ -187,15 +195,16 @@ def test_rms_norm_mask_matches_flax(rng):
 def test_group_norm_matches_flax(rng, kw):
     x = _x(rng, (2, 3, 3, 8))
     scale, bias = _params(rng, (8,))
-    y = F.group_norm(x, scale, bias, **kw)
-    y_ref = nn.GroupNorm(**kw).apply({"params": {"scale": scale, "bias": bias}}, x)
+    y = _jit(F.group_norm, x, scale, bias, **kw)
+    y_ref = _jit(nn.GroupNorm(**kw).apply, {"params": {"scale": scale, "bias": bias}}, x)
     np.testing.assert_allclose(y, y_ref, **TOL)
 
 
 def test_group_norm_numpy_and_default_32_groups(rng):
     x = _x(rng, (2, 5, 64))
-    np.testing.assert_allclose(F.group_norm(x, epsilon=1e-5), reference.group_norm(x, 32, eps=1e-5), **TOL)
-    np.testing.assert_allclose(F.group_norm(x, num_groups=4, epsilon=1e-5),
+    np.testing.assert_allclose(_jit(F.group_norm, x, epsilon=1e-5),
+                               reference.group_norm(x, 32, eps=1e-5), **TOL)
+    np.testing.assert_allclose(_jit(F.group_norm, x, num_groups=4, epsilon=1e-5),
                                reference.group_norm(x, 4, eps=1e-5), **TOL)
 
 
@@ -203,9 +212,9 @@ def test_group_norm_explicit_reduction_axes_matches_flax(rng):
     x = _x(rng, (2, 3, 4, 8))
     scale, bias = _params(rng, (8,))
     for red in [(0, 1, 3), (-3, -2, -1)]:
-        y = F.group_norm(x, scale, bias, num_groups=2, reduction_axes=red)
-        y_ref = nn.GroupNorm(num_groups=2, reduction_axes=red).apply(
-            {"params": {"scale": scale, "bias": bias}}, x)
+        y = _jit(F.group_norm, x, scale, bias, num_groups=2, reduction_axes=red)
+        y_ref = _jit(nn.GroupNorm(num_groups=2, reduction_axes=red).apply,
+                     {"params": {"scale": scale, "bias": bias}}, x)
         np.testing.assert_allclose(y, y_ref, **TOL)
 
 
@@ -215,8 +224,9 @@ def test_group_norm_mask_matches_flax(rng):
     mask[..., :2] = True
     mask[..., 6:8] = True
     x = np.where(mask, x, np.nan).astype(np.float32)
-    y = F.group_norm(x, None, None, num_groups=2, mask=mask)
-    y_ref = nn.GroupNorm(num_groups=2, use_bias=False, use_scale=False).apply({}, x, mask=mask)
+    y = _jit(F.group_norm, x, None, None, num_groups=2, mask=mask)
+    y_ref = _jit(nn.GroupNorm(num_groups=2, use_bias=False, use_scale=False).apply, {}, x,
+                 mask=mask)
     np.testing.assert_allclose(np.asarray(y)[mask], np.asarray(y_ref)[mask], **TOL)
 
 
@@ -226,21 +236,24 @@ def test_instance_norm_matches_flax(rng, feature_axes):
     x = _x(rng, (2, 3, 4, 5))
     fa = tuple(np.atleast_1d(feature_axes) % 4)
     scale, bias = _params(rng, tuple(x.shape[a] for a in fa))
-    y = F.instance_norm(x, scale, bias, feature_axes=feature_axes)
-    y_ref = nn.InstanceNorm(feature_axes=feature_axes).apply({"params": {"scale": scale, "bias": bias}}, x)
+    y = _jit(F.instance_norm, x, scale, bias, feature_axes=feature_axes)
+    y_ref = _jit(nn.InstanceNorm(feature_axes=feature_axes).apply,
+                 {"params": {"scale": scale, "bias": bias}}, x)
     np.testing.assert_allclose(y, y_ref, **TOL)
 
 
 def test_instance_norm_numpy(rng):
     x = _x(rng, (2, 4, 4, 3))
-    np.testing.assert_allclose(F.instance_norm(x, epsilon=1e-5), reference.standardize(x, (1, 2), 1e-5), **TOL)
+    np.testing.assert_allclose(_jit(F.instance_norm, x, epsilon=1e-5),
+                               reference.standardize(x, (1, 2), 1e-5), **TOL)
 
 
 # ---------------------------------------------------------------- equivalences (no parameters)
 def test_presets_equivalences(rng):
     x = _x(rng, (2, 3, 4, 6))
-    ln_all = F.layer_norm(x, reduction_axes=(1, 2, 3))
-    np.testing.assert_allclose(F.group_norm(x, num_groups=1), ln_all, **TOL)
-    inorm = F.instance_norm(x)
-    np.testing.assert_allclose(F.group_norm(x, num_groups=None, group_size=1), inorm, **TOL)
-    np.testing.assert_allclose(F.layer_norm(x, reduction_axes=(1, 2)), inorm, **TOL)
+    ln_all = _jit(F.layer_norm, x, reduction_axes=(1, 2, 3))
+    np.testing.assert_allclose(_jit(F.group_norm, x, num_groups=1), ln_all, **TOL)
+    inorm = _jit(F.instance_norm, x)
+    np.testing.assert_allclose(_jit(F.group_norm, x, num_groups=None, group_size=1), inorm,
+                               **TOL)
+    np.testing.assert_allclose(_jit(F.layer_norm, x, reduction_axes=(1, 2)), inorm, **TOL)

@@ -148,7 +148,7 @@ def test_grad_through_running_stats_is_finite(rng):
         y, s = F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.9)
         return jnp.sum(y ** 3) + jnp.sum(s["var"]) + jnp.sum(s["mean"])
 
-    g = jax.grad(loss)(x)
+    g = jax.jit(jax.grad(loss))(x)
     assert np.all(np.isfinite(g))
 
 
@@ -157,8 +157,9 @@ def test_grad_through_running_stats_is_finite(rng):
 def test_batch_norm_affine_invariance(rng, a, b):
     x = _x(rng, (16, 5))
     stats = F.init_batch_stats((5,))
-    y1, _ = F.batch_norm(x, stats, epsilon=1e-10)
-    y2, _ = F.batch_norm((a * x + b).astype(np.float32), stats, epsilon=1e-10)
+    bn = jax.jit(lambda x: F.batch_norm(x, stats, epsilon=1e-10))
+    y1, _ = bn(x)
+    y2, _ = bn((a * x + b).astype(np.float32))
     np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
 
 
@@ -166,8 +167,9 @@ def test_layer_norm_affine_invariance_per_sample(rng):
     x = _x(rng, (4, 16))
     a = np.array([[0.5], [2.0], [7.0], [1.0]], np.float32)
     b = np.array([[1.0], [-3.0], [0.0], [10.0]], np.float32)
-    y1 = F.layer_norm(x, epsilon=1e-10)
-    y2 = F.layer_norm(a * x + b, epsilon=1e-10)
+    ln = jax.jit(lambda x: F.layer_norm(x, epsilon=1e-10))
+    y1 = ln(x)
+    y2 = ln(a * x + b)
     np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
 
 
@@ -183,7 +185,7 @@ def _std_ok(y, axes):
 
 def test_large_mean_moments_fast_variance(rng):
     x = _large(rng, (256, 16))
-    mean, var = F.moments(x, 0)  # default use_fast_variance=True
+    mean, var = jax.jit(lambda x: F.moments(x, 0))(x)  # default use_fast_variance=True
     rm, rv = reference.moments(x, (0,))
     np.testing.assert_allclose(var, rv.ravel(), rtol=0.02)
     np.testing.assert_allclose(mean, rm.ravel(), rtol=1e-6)
@@ -191,7 +193,7 @@ def test_large_mean_moments_fast_variance(rng):
 
 def test_large_mean_batch_norm(rng):
     x = _large(rng, (256, 16))
-    y, new = F.batch_norm(x, F.init_batch_stats((16,)), momentum=0.0)
+    y, new = jax.jit(lambda x: F.batch_norm(x, F.init_batch_stats((16,)), momentum=0.0))(x)
     _std_ok(y, 0)
     _, rv = reference.moments(x, (0,))
     np.testing.assert_allclose(new["var"], rv.ravel(), rtol=0.02)
@@ -200,28 +202,29 @@ def test_large_mean_batch_norm(rng):
 def test_large_mean_batch_norm_per_feature_offsets(rng):
     offsets = np.array([1e4, -3e4, 5e3, 2e4], np.float32)
     x = (offsets + rng.standard_normal((256, 4))).astype(np.float32)
-    y, new = F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.0)
+    y, new = jax.jit(lambda x: F.batch_norm(x, F.init_batch_stats((4,)), momentum=0.0))(x)
     _std_ok(y, 0)
     np.testing.assert_allclose(new["var"], reference.moments(x, (0,))[1].ravel(), rtol=0.02)
 
 
 def test_large_mean_layer_norm_and_group_norm(rng):
     x = _large(rng, (4, 8, 8, 16))
-    _std_ok(F.layer_norm(x, reduction_axes=(1, 2, 3)), (1, 2, 3))
-    y = np.asarray(F.group_norm(x, num_groups=4), np.float64).reshape(4, 8, 8, 4, 4)
+    _std_ok(jax.jit(lambda x: F.layer_norm(x, reduction_axes=(1, 2, 3)))(x), (1, 2, 3))
+    y = np.asarray(jax.jit(lambda x: F.group_norm(x, num_groups=4))(x),
+                   np.float64).reshape(4, 8, 8, 4, 4)
     _std_ok(y, (1, 2, 4))
     # per-sample offsets differ by orders of magnitude: a single global shift is not enough
     x2 = (np.array([1e4, -2e4, 3e3, 5e4], np.float32)[:, None]
           + rng.standard_normal((4, 256))).astype(np.float32)
-    _std_ok(F.layer_norm(x2), 1)
-    _std_ok(F.standardize(x2, -1), 1)
+    _std_ok(jax.jit(F.layer_norm)(x2), 1)
+    _std_ok(jax.jit(lambda x: F.standardize(x, -1))(x2), 1)
 
 
 def test_large_mean_with_mask(rng):
     x = _large(rng, (256, 4))
     mask = rng.random((256, 4)) < 0.5
     x = np.where(mask, x, np.nan).astype(np.float32)  # masked-out NaNs must not become the shift
-    mean, var = F.moments(x, 0, mask=mask)
+    mean, var = jax.jit(lambda x, m: F.moments(x, 0, mask=m))(x, mask)
     rv = reference.moments(np.nan_to_num(x), (0,), mask)[1].ravel()
     np.testing.assert_allclose(var, rv, rtol=0.02)
 

@@ -17,12 +17,10 @@ def pair(name, **kwargs):
 
 
 def init_both(name, x, key=0, call_kwargs=None, **kwargs):
-    """(flax layer, normzoo layer, flax's variables, normzoo's variables): each ``init``
-    compiled as one program (eager, each of its many small ops would compile on its own)."""
     ref, nz = pair(name, **kwargs)
     call_kwargs = call_kwargs or {}
     k = jax.random.key(key)
-    return ref, nz, jit_init(ref, k, x, **call_kwargs), jit_init(nz, k, x, **call_kwargs)
+    return ref, nz, ref.init(k, x, **call_kwargs), nz.init(k, x, **call_kwargs)
 
 
 def jit_init(layer, key, *args, **kwargs):

@@ -13,7 +13,7 @@ import pytest
 
 import normzoo
 import reference
-from linen_helpers import TOL, assert_trees_equal
+from linen_helpers import TOL, assert_trees_equal, jit_apply, jit_init
 
 
 def _x(rng, shape, loc=0.3, scale=1.5):
@@ -33,21 +33,23 @@ def test_large_mean_batch_norm(rng):
     x = _large(rng, (256, 16))
     true_var = reference.moments(x, (0,))[1].ravel()
     layer = normzoo.BatchNorm(use_running_average=False, momentum=0.0)
-    v = layer.init(jax.random.key(0), x)
-    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    v = jit_init(layer, jax.random.key(0), x)
+    y, upd = jit_apply(layer, v, x, mutable=["batch_stats"])
     np.testing.assert_allclose(_out_std(y, 0), 1.0, rtol=0.01)
     np.testing.assert_allclose(upd["batch_stats"]["var"], true_var, rtol=0.02)
     # default momentum: the EMA formula with the accurate batch variance
-    y, upd = normzoo.BatchNorm(use_running_average=False).apply(v, x, mutable=["batch_stats"])
+    y, upd = jit_apply(normzoo.BatchNorm(use_running_average=False), v, x,
+                       mutable=["batch_stats"])
     np.testing.assert_allclose((np.asarray(upd["batch_stats"]["var"], np.float64) - 0.99) / 0.01,
                                true_var, rtol=0.02)
     # eval with the exact batch statistics as running statistics also standardizes
     stats = {"mean": x.mean(0, dtype=np.float64).astype(np.float32), "var": true_var.astype(np.float32)}
-    y_eval = normzoo.BatchNorm(use_running_average=True).apply(
-        {"params": v["params"], "batch_stats": stats}, x)
+    y_eval = jit_apply(normzoo.BatchNorm(use_running_average=True),
+                       {"params": v["params"], "batch_stats": stats}, x)
     np.testing.assert_allclose(_out_std(y_eval, 0), 1.0, rtol=0.01)
     # documentation only (not asserted, so the suite does not depend on flax staying broken):
-    y_flax, u_flax = nn.BatchNorm(use_running_average=False, momentum=0.0).apply(v, x, mutable=["batch_stats"])
+    y_flax, u_flax = jit_apply(nn.BatchNorm(use_running_average=False, momentum=0.0), v, x,
+                               mutable=["batch_stats"])
     print(f"flax.linen BatchNorm on 1e4 + N(0,1): output std {_out_std(y_flax, 0).mean():.1f}, "
           f"running var {np.asarray(u_flax['batch_stats']['var']).mean():.2f} (truth ~1)")
 
@@ -55,26 +57,28 @@ def test_large_mean_batch_norm(rng):
 def test_large_mean_batch_norm_nhwc(rng):
     x = _large(rng, (8, 4, 4, 8))
     layer = normzoo.BatchNorm(use_running_average=False, momentum=0.0)
-    v = layer.init(jax.random.key(0), x)
-    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    v = jit_init(layer, jax.random.key(0), x)
+    y, upd = jit_apply(layer, v, x, mutable=["batch_stats"])
     np.testing.assert_allclose(_out_std(y, (0, 1, 2)), 1.0, rtol=0.01)
     np.testing.assert_allclose(upd["batch_stats"]["var"], reference.moments(x, (0, 1, 2))[1].ravel(), rtol=0.02)
 
 
 def test_large_mean_layer_norm(rng):
     x = _large(rng, (4, 256))
-    y = normzoo.LayerNorm().apply({"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}}, x)
+    y = jit_apply(normzoo.LayerNorm(), {"params": {"scale": jnp.ones(256), "bias": jnp.zeros(256)}},
+                  x)
     np.testing.assert_allclose(_out_std(y, 1), 1.0, rtol=0.01)
     x2 = _large(rng, (4, 8, 8, 4))
-    y2 = normzoo.LayerNorm(reduction_axes=(1, 2, 3), use_scale=False, use_bias=False).apply({}, x2)
+    y2 = jit_apply(normzoo.LayerNorm(reduction_axes=(1, 2, 3), use_scale=False, use_bias=False),
+                   {}, x2)
     np.testing.assert_allclose(_out_std(y2, (1, 2, 3)), 1.0, rtol=0.01)
 
 
 def test_large_mean_group_norm_and_instance_norm(rng):
     x = _large(rng, (4, 8, 8, 16))
-    y = normzoo.GroupNorm(num_groups=4, use_scale=False, use_bias=False).apply({}, x)
+    y = jit_apply(normzoo.GroupNorm(num_groups=4, use_scale=False, use_bias=False), {}, x)
     np.testing.assert_allclose(_out_std(np.asarray(y).reshape(4, 8, 8, 4, 4), (1, 2, 4)), 1.0, rtol=0.01)
-    y = normzoo.InstanceNorm(use_scale=False, use_bias=False).apply({}, x)
+    y = jit_apply(normzoo.InstanceNorm(use_scale=False, use_bias=False), {}, x)
     np.testing.assert_allclose(_out_std(y, (1, 2)), 1.0, rtol=0.01)
 
 
@@ -83,8 +87,8 @@ def test_large_mean_standardization_layer(rng):
     for area in ("batch", "layer"):
         layer = normzoo.Standardization(area=area, use_scale=False, use_bias=False)
         kw = dict(use_running_average=False) if area == "batch" else {}
-        v = layer.init(jax.random.key(0), x, **kw)
-        y = layer.apply(v, x, mutable=["batch_stats"], **kw)[0]
+        v = jit_init(layer, jax.random.key(0), x, **kw)
+        y = jit_apply(layer, v, x, mutable=["batch_stats"], **kw)[0]
         np.testing.assert_allclose(_out_std(y, 0 if area == "batch" else 1), 1.0, rtol=0.01)
 
 
@@ -232,7 +236,7 @@ def test_model_swap_same_training_steps(rng):
         for _ in range(3):
             params, stats, opt, loss = step(params, stats, opt)
             losses.append(float(loss))
-        eval_out = net.apply({"params": params, "batch_stats": stats}, x, train=False)
+        eval_out = jit_apply(net, {"params": params, "batch_stats": stats}, x, train=False)
         results.append((losses, params, stats, eval_out))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=2e-5)
     assert_trees_equal(results[0][1], results[1][1], exact=False, rtol=1e-4, atol=2e-5)
@@ -243,14 +247,15 @@ def test_model_swap_same_training_steps(rng):
 def test_flax_checkpoint_loads_into_normzoo_model(rng):
     x = _x(rng, (8, 5))
     ref, nz = _nets()
-    v = ref.init(jax.random.key(1), x, train=False)
+    v = jit_init(ref, jax.random.key(1), x, train=False)
     # make the statistics non-trivial with a flax training step
-    _, upd = ref.apply(v, x, train=True, mutable=["batch_stats"])
+    _, upd = jit_apply(ref, v, x, train=True, mutable=["batch_stats"])
     v = {"params": v["params"], **upd}
     blob = flax.serialization.to_bytes(v)
-    template = nz.init(jax.random.key(99), x, train=False)
+    template = jit_init(nz, jax.random.key(99), x, train=False)
     restored = flax.serialization.from_bytes(template, blob)
     assert_trees_equal(v, restored, exact=True)
-    np.testing.assert_allclose(nz.apply(restored, x, train=False), ref.apply(v, x, train=False), **TOL)
+    y_ref = jit_apply(ref, v, x, train=False)
+    np.testing.assert_allclose(jit_apply(nz, restored, x, train=False), y_ref, **TOL)
     # and the raw flax dict applies to normzoo as is
-    np.testing.assert_allclose(nz.apply(v, x, train=False), ref.apply(v, x, train=False), **TOL)
+    np.testing.assert_allclose(jit_apply(nz, v, x, train=False), y_ref, **TOL)

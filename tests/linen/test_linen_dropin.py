@@ -13,7 +13,7 @@ import pytest
 
 import normzoo
 import reference
-from linen_helpers import DROPIN, TOL, assert_trees_equal, init_both, jit_apply, jit_init
+from linen_helpers import DROPIN, TOL, assert_trees_equal, init_both
 
 
 def _x(rng, shape, loc=0.3, scale=1.5, dtype=np.float32):
@@ -123,14 +123,14 @@ def test_batch_norm_train_and_eval_match_flax(rng, shape, axis, use_fast_varianc
     kw = dict(axis=axis, momentum=0.9, use_fast_variance=use_fast_variance)
     ref, nz, v_ref, v_nz = init_both("BatchNorm", x, call_kwargs=dict(use_running_average=False), **kw)
     v = _random_variables(rng, v_ref)
-    y_ref, u_ref = jit_apply(ref, v, x, use_running_average=False, mutable=["batch_stats"])
-    y_nz, u_nz = jit_apply(nz, v, x, use_running_average=False, mutable=["batch_stats"])
+    y_ref, u_ref = ref.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    y_nz, u_nz = nz.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     np.testing.assert_allclose(y_nz, y_ref, **TOL)
     assert_trees_equal(u_ref, u_nz, exact=False)
     # eval: running averages, no update
     v_next = {"params": v["params"], **u_ref}
-    e_ref = jit_apply(ref, v_next, x, use_running_average=True)
-    e_nz = jit_apply(nz, v_next, x, use_running_average=True)
+    e_ref = ref.apply(v_next, x, use_running_average=True)
+    e_nz = nz.apply(v_next, x, use_running_average=True)
     np.testing.assert_allclose(e_nz, e_ref, **TOL)
 
 
@@ -165,8 +165,8 @@ def test_batch_norm_mask_matches_flax(rng):
     xn = np.where(m, x, np.nan).astype(np.float32)
     ref, nz, v, _ = init_both("BatchNorm", xn, call_kwargs=dict(mask=m), use_running_average=False)
     v = _random_variables(rng, v)
-    y_ref, u_ref = jit_apply(ref, v, xn, mask=m, mutable=["batch_stats"])
-    y_nz, u_nz = jit_apply(nz, v, xn, mask=m, mutable=["batch_stats"])
+    y_ref, u_ref = ref.apply(v, xn, mask=m, mutable=["batch_stats"])
+    y_nz, u_nz = nz.apply(v, xn, mask=m, mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(y_nz)[m], np.asarray(y_ref)[m], **TOL)
     assert_trees_equal(u_ref, u_nz, exact=False)
     assert np.all(np.isfinite(u_nz["batch_stats"]["var"]))
@@ -255,9 +255,9 @@ def test_layer_norm_matches_flax(rng, kw):
     ref, nz, v, v_nz = init_both("LayerNorm", x, **kw)
     assert_trees_equal(v, v_nz)
     v = _random_variables(rng, v)
-    y = jit_apply(nz, v, x)
+    y = nz.apply(v, x)
     assert y.dtype == x.dtype and y.shape == x.shape
-    np.testing.assert_allclose(y, jit_apply(ref, v, x), **TOL)
+    np.testing.assert_allclose(y, ref.apply(v, x), **TOL)
 
 
 @pytest.mark.parametrize("reduction_axes", [-1, 1, (1, 2), (0, 1, 2)])
@@ -310,7 +310,7 @@ def test_rms_norm_matches_flax(rng, kw):
     ref, nz, v, v_nz = init_both("RMSNorm", x, **kw)
     assert_trees_equal(v, v_nz)
     v = _random_variables(rng, v)
-    np.testing.assert_allclose(jit_apply(nz, v, x), jit_apply(ref, v, x), **TOL)
+    np.testing.assert_allclose(nz.apply(v, x), ref.apply(v, x), **TOL)
 
 
 def test_rms_norm_one_liner_and_mask(rng):
@@ -337,7 +337,7 @@ def test_group_norm_matches_flax(rng, kw):
     ref, nz, v, v_nz = init_both("GroupNorm", x, **kw)
     assert_trees_equal(v, v_nz)
     v = _random_variables(rng, v)
-    np.testing.assert_allclose(jit_apply(nz, v, x), jit_apply(ref, v, x), **TOL)
+    np.testing.assert_allclose(nz.apply(v, x), ref.apply(v, x), **TOL)
 
 
 def test_group_norm_one_liner(rng):
@@ -365,7 +365,7 @@ def test_group_norm_batched_negative_reduction_axes(rng):
                               reduction_axes=(-3, -2, -1))
     y, v = layer.init_with_output(jax.random.key(0), x)
     xs = np.stack([x] * 5)
-    ys = jit_apply(layer, v, xs)
+    ys = layer.apply(v, xs)
     np.testing.assert_allclose(y, ys[0], **TOL)
     ref = reference.standardize(xs.reshape(5, 3, 4, 2, 4), (1, 2, 4), 1e-5).reshape(xs.shape)
     np.testing.assert_allclose(ys, ref, **TOL)
@@ -405,7 +405,7 @@ def test_instance_norm(rng, feature_axes, fast):
         ref_mod, nz, v, v_nz = init_both("InstanceNorm", x, feature_axes=feature_axes)
         assert_trees_equal(v, v_nz)
         v = _random_variables(rng, v)
-        np.testing.assert_allclose(jit_apply(nz, v, x), jit_apply(ref_mod, v, x), **TOL)
+        np.testing.assert_allclose(nz.apply(v, x), ref_mod.apply(v, x), **TOL)
 
 
 def test_instance_norm_mask_matches_flax(rng):
@@ -433,9 +433,9 @@ EQUIV = [
 def test_normalization_equivalences(first, second):
     x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
     l1, l2 = getattr(normzoo, first[0])(**first[1]), getattr(normzoo, second[0])(**second[1])
-    v1, v2 = jit_init(l1, jax.random.key(1), x), jit_init(l2, jax.random.key(1), x)
+    v1, v2 = l1.init(jax.random.key(1), x), l2.init(jax.random.key(1), x)
     assert_trees_equal(v1, v2, exact=True)
-    np.testing.assert_allclose(jit_apply(l1, v1, x), jit_apply(l2, v2, x), atol=1e-6)
+    np.testing.assert_allclose(l1.apply(v1, x), l2.apply(v2, x), atol=1e-6)
 
 
 # ---------------------------------------------------------------- dtypes
@@ -458,8 +458,8 @@ def test_dtypes_match_flax(rng, name, x_dtype, dtype, param_dtype):
     ref, nz, v_ref, v_nz = init_both(name, x, **kw)
     assert_trees_equal(v_ref, v_nz, exact=True)
     mutable = ["batch_stats"] if name == "BatchNorm" else False
-    out_ref = jit_apply(ref, v_ref, x, mutable=mutable, **call)
-    out_nz = jit_apply(nz, v_ref, x, mutable=mutable, **call)
+    out_ref = ref.apply(v_ref, x, mutable=mutable, **call)
+    out_nz = nz.apply(v_ref, x, mutable=mutable, **call)
     y_ref, y_nz = (out_ref[0], out_nz[0]) if mutable else (out_ref, out_nz)
     assert y_nz.dtype == y_ref.dtype, (y_nz.dtype, y_ref.dtype)
     tol = 2e-2 if jnp.bfloat16 in (x_dtype, dtype, param_dtype, y_ref.dtype) else 4e-3
@@ -476,8 +476,8 @@ def test_force_float32_reductions_false_matches_flax_dtypes(rng, x_dtype):
     kw = dict(use_running_average=False, force_float32_reductions=False, param_dtype=x_dtype, dtype=x_dtype)
     ref, nz, v_ref, v_nz = init_both("BatchNorm", x, **kw)
     assert_trees_equal(v_ref, v_nz, exact=True)
-    y_ref, u_ref = jit_apply(ref, v_ref, x, mutable=["batch_stats"])
-    y_nz, u_nz = jit_apply(nz, v_ref, x, mutable=["batch_stats"])
+    y_ref, u_ref = ref.apply(v_ref, x, mutable=["batch_stats"])
+    y_nz, u_nz = nz.apply(v_ref, x, mutable=["batch_stats"])
     assert y_nz.dtype == y_ref.dtype
     for k in ("mean", "var"):
         assert u_nz["batch_stats"][k].dtype == u_ref["batch_stats"][k].dtype
@@ -485,7 +485,7 @@ def test_force_float32_reductions_false_matches_flax_dtypes(rng, x_dtype):
     for name in ("LayerNorm", "RMSNorm"):
         ref, nz, v_ref, v_nz = init_both(name, x, force_float32_reductions=False, param_dtype=x_dtype)
         assert_trees_equal(v_ref, v_nz, exact=True)
-        assert jit_apply(nz, v_ref, x).dtype == jit_apply(ref, v_ref, x).dtype
+        assert nz.apply(v_ref, x).dtype == ref.apply(v_ref, x).dtype
 
 
 @pytest.mark.parametrize("name", DROPIN)
@@ -497,9 +497,8 @@ def test_half_precision_statistics_in_float32(rng, name):
     if name == "GroupNorm":
         kw["num_groups"] = 2
     layer = getattr(normzoo, name)(use_scale=False, **kw, **({} if name == "RMSNorm" else dict(use_bias=False)))
-    v = jit_init(layer, jax.random.key(0), x)
-    y = (jit_apply(layer, v, x, mutable=["batch_stats"])[0] if name == "BatchNorm"
-         else jit_apply(layer, v, x))
+    v = layer.init(jax.random.key(0), x)
+    y = layer.apply(v, x, mutable=["batch_stats"])[0] if name == "BatchNorm" else layer.apply(v, x)
     assert y.dtype == jnp.bfloat16  # no float32 params -> output keeps the input dtype (as flax)
     xf = np.asarray(x.astype(jnp.float32), np.float64)
     if name == "BatchNorm":

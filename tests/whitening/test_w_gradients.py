@@ -139,15 +139,17 @@ def test_cholesky_jvp_equals_autodiff_through_the_factorization(rng, x64):
     def ours(s):
         return F.whitening_matrix(s, "cholesky", epsilon=1e-2)
 
-    got, got_dot = jax.jvp(ours, (sigma,), (tangent,))
-    want, want_dot = jax.jvp(plain, (sigma,), (tangent,))
+    # each jitted (eager, each of their many small ops would compile on its own)
+    jvp = lambda f: jax.jit(lambda s, t: jax.jvp(f, (s,), (t,)))  # noqa: E731
+    got, got_dot = jvp(ours)(sigma, tangent)
+    want, want_dot = jvp(plain)(sigma, tangent)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got_dot, want_dot, rtol=1e-9, atol=1e-11)
     c = jnp.asarray(rng.standard_normal((3, 5, 5)))
-    np.testing.assert_allclose(jax.grad(lambda s: jnp.sum(c * ours(s)))(sigma),
-                               jax.grad(lambda s: jnp.sum(c * plain(s)))(sigma),
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda s: jnp.sum(c * ours(s))))(sigma),
+                               jax.jit(jax.grad(lambda s: jnp.sum(c * plain(s))))(sigma),
                                rtol=1e-9, atol=1e-11)
-    check_grads(ours, (sigma,), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-6,
+    check_grads(jax.jit(ours), (sigma,), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-6,
                 rtol=1e-6)
 
 
