@@ -19,10 +19,10 @@ import numpy as np
 
 from experiments.data import Dataset, load_dataset
 from experiments.models import build_model, check_norm, freeze_overrides
+from experiments.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Estimate  # noqa: F401  (re-exported)
 from experiments.store import JobStore, atomic_write_json, atomic_write_text, config_hash, strict
 from experiments.train import Probe, Run, TrainSpec, train_job
 
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 CACHE_VERSION = 1
 
 
@@ -88,8 +88,26 @@ class Claim:
 
 
 @dataclasses.dataclass
+class ProtocolRow:
+    """One row of a suite's protocol table: the source's setting next to the one used here."""
+
+    setting: str
+    source: str
+    used: str
+    why: str = ""
+
+
+@dataclasses.dataclass
 class SuiteReport:
-    """What a suite hands to the report: claims, tables (markdown), figures and notes."""
+    """What a suite hands to the report.
+
+    ``claims``, ``tables`` (markdown), ``figures`` and ``notes`` as before; ``protocol``: the
+    protocol-fidelity table (source setting vs used, and why); ``accuracy``: final test accuracy
+    per normalizer (``{label: Estimate}``) at the suite's headline setting, named by
+    ``accuracy_setting``, for the comparison table at the top of the combined report;
+    ``reproduce``: what the source measured, what it would take to measure it here (the full
+    profile's command and its expected time), for claims that do not reproduce at this scale.
+    """
 
     name: str
     title: str
@@ -100,6 +118,10 @@ class SuiteReport:
     figures: list[tuple[str, Path]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    protocol: list[ProtocolRow] = dataclasses.field(default_factory=list)
+    accuracy: dict[str, Estimate] = dataclasses.field(default_factory=dict)
+    accuracy_setting: str = ""
+    reproduce: str = ""
 
 
 def compare(diff: float, margin: float) -> str:

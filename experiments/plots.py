@@ -46,3 +46,15 @@ COLORS = {
 
 def color(name: str) -> str | None:
     return COLORS.get(name)
+
+
+def band(ax: Any, x: Any, mean: Any, se: Any, label: str, color_: str | None = None, **kw: Any) -> None:
+    """Plot ``mean`` against ``x`` with a shaded band of +-2 standard errors (the seed spread)."""
+    import numpy as np
+
+    x, mean, se = (np.asarray(v, float) for v in (x, mean, se))
+    (line,) = ax.plot(x, mean, label=label, color=color_, **kw)
+    ax.fill_between(x, mean - 2 * se, mean + 2 * se, color=line.get_color(), alpha=0.18, linewidth=0)
+
+
+BAND_NOTE = "shaded: mean ± 2 standard errors over seeds"

@@ -30,6 +30,11 @@ def suite_markdown(rep: SuiteReport, base: Path) -> str:
         )
     )
     out.append("")
+    if rep.protocol:
+        out += ["**Protocol: the source's setting and the one used here**", "",
+                _md_table(PROTOCOL_HEADER, protocol_rows(rep)), ""]
+    if rep.reproduce:
+        out += [f"**At paper scale.** {rep.reproduce}", ""]
     for title, header, rows in rep.tables:
         out += [f"**{title}**", "", _md_table(header, rows), ""]
     for caption, path in rep.figures:
@@ -41,15 +46,41 @@ def suite_markdown(rep: SuiteReport, base: Path) -> str:
     return "\n".join(out)
 
 
+PROTOCOL_HEADER = ["Setting", "Source", "Used here", "Why it differs"]
+
+
+def protocol_rows(rep: SuiteReport) -> list[list[str]]:
+    return [[p.setting, p.source, p.used, p.why] for p in rep.protocol]
+
+
 def overview_rows(reports: Sequence[SuiteReport]) -> list[list[str]]:
-    return [[r.name, c.claim, c.verdict] for r in reports for c in r.claims]
+    return [[r.name, c.claim, c.verdict, c.rule] for r in reports for c in r.claims]
+
+
+def comparison_table(reports: Sequence[SuiteReport]) -> tuple[list[str], list[list[str]]]:
+    """Rows: every normalizer that ran; columns: the suites that report a headline accuracy
+    (final test accuracy, mean ± standard error over seeds, at the setting the header names)."""
+    cols = [r for r in reports if r.accuracy]
+    norms: list[str] = []
+    for r in cols:
+        norms += [n for n in r.accuracy if n not in norms]
+    header = ["Normalizer"] + [f"{r.name} ({r.accuracy_setting})" if r.accuracy_setting else r.name for r in cols]
+    rows = [[n] + [r.accuracy[n].pct() if n in r.accuracy else "" for r in cols] for n in norms]
+    return header, rows
+
+
+_COMPARISON_NOTE = ("Final test accuracy, mean ± standard error over seeds (each suite's headline "
+                    "setting in its column header); verdicts below, each with its rule.")
 
 
 def write_markdown(reports: Sequence[SuiteReport], path: Path, title: str) -> None:
     base = path.parent
     parts = [f"# {title}", ""]
+    header, rows = comparison_table(reports)
+    if rows:
+        parts += ["## Comparison", "", _COMPARISON_NOTE, "", _md_table(header, rows), ""]
     if len(reports) > 1:
-        parts += ["## Overview", "", _md_table(["Suite", "Claim", "Verdict"], overview_rows(reports)), ""]
+        parts += ["## Verdicts", "", _md_table(["Suite", "Claim", "Verdict", "Rule"], overview_rows(reports)), ""]
     parts += [suite_markdown(r, base) for r in reports]
     atomic_write_text(path, "\n".join(parts))
 
@@ -79,12 +110,20 @@ def write_html(reports: Sequence[SuiteReport], path: Path, title: str) -> None:
         "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
+    header, rows = comparison_table(reports)
+    if rows:
+        parts += ["<h2>Comparison</h2>", f"<p>{html.escape(_COMPARISON_NOTE)}</p>", _html_table(header, rows)]
     if len(reports) > 1:
-        parts += ["<h2>Overview</h2>", _html_table(["Suite", "Claim", "Verdict"], overview_rows(reports), 2)]
+        parts += ["<h2>Verdicts</h2>", _html_table(["Suite", "Claim", "Verdict", "Rule"], overview_rows(reports), 2)]
     for r in reports:
         parts += [f"<h2>{html.escape(r.title)} (<code>{html.escape(r.name)}</code>)</h2>", f"<p>{html.escape(r.summary)}</p>"]
         rows = [[f"{c.claim} ({c.source})", c.measured, c.verdict, c.rule] for c in r.claims]
         parts.append(_html_table(["Claim (seed source)", "Measured", "Verdict", "Rule"], rows, 2))
+        if r.protocol:
+            parts += ["<p><b>Protocol: the source's setting and the one used here</b></p>",
+                      _html_table(PROTOCOL_HEADER, protocol_rows(r))]
+        if r.reproduce:
+            parts.append(f"<p><b>At paper scale.</b> {html.escape(r.reproduce)}</p>")
         for t, header, trows in r.tables:
             parts += [f"<p><b>{html.escape(t)}</b></p>", _html_table(header, trows)]
         for caption, fig in r.figures:
