@@ -7,10 +7,12 @@ Examples::
     python -m benchmarks --rows loss,training --write-results   # the training-like rows only
     python -m benchmarks --json out.json --write-results   # full run, updates RESULTS.md
     python -m benchmarks --rows layers --layers ln --prototypes   # also benchmarks/prototypes.py
+    python -m benchmarks --devices 1,2,4,8 --models mlp,resnet   # data-parallel train steps
 
 Three kinds of rows (``--rows``): ``layers`` (one layer with a fixed upstream gradient, and
 the whitening rows), ``loss`` (one layer whose loss depends on y) and ``training`` (whole
 train steps of ``--models``), see :mod:`benchmarks.layers` and :mod:`benchmarks.training`.
+``--devices`` replaces them with the train steps per device count (:mod:`benchmarks.devices`).
 
 Progress goes to stderr, the markdown tables to stdout.
 """
@@ -23,6 +25,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from benchmarks import devices
 from benchmarks import floors as cpu_floors
 from benchmarks import layers as layer_groups
 from benchmarks import report
@@ -68,9 +71,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma list of {','.join(ALL_LAYERS)} for the layers and loss rows "
                    "(default: all)")
     p.add_argument("--models", type=_csv(training_groups.MODELS, "--models"),
-                   default=list(training_groups.MODELS),
+                   default=None,
                    help=f"comma list of {','.join(training_groups.MODELS)} for the training "
-                   "rows (default: all)")
+                   "rows (default: all; mlp with --devices)")
     p.add_argument("--modes", type=_csv(training_groups.MODES, "--modes"),
                    default=list(training_groups.MODES),
                    help="loss rows: comma list of 'x+params' (grads of x and params) and "
@@ -101,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the C++ floors of the float32 forward pass (benchmarks/floors.py; "
                    "run on CPU when LayerNorm, RMSNorm or BatchNorm forward rows in float32 "
                    "are timed)")
+    p.add_argument("--devices", type=devices.parse_counts, default=None, metavar="COUNTS",
+                   help="comma list of device counts, e.g. 1,2,4,8: instead of the other rows, "
+                   "time the first norm variant of each of --models (default mlp) data "
+                   "parallel on that many devices, one fresh process each (simulated CPU "
+                   "devices, or the GPUs), and list the collectives of the compiled step")
     return p
 
 
@@ -136,8 +144,9 @@ def run(args: argparse.Namespace, log=None
                     f"{k} {TARGET_S[k] * 1e3:g}" for k in ("layer", "loss", "train"))),
                 "compile_workers": workers, "memory": not args.no_memory,
                 "prototypes": args.prototypes}
+    models = args.models or list(training_groups.MODELS)
     if "training" in rows:
-        settings["models"] = ",".join(args.models)
+        settings["models"] = ",".join(models)
     notes: list[str] = []
     groups = []
     names = [n for n in args.layers if n != "whitening"]
@@ -160,7 +169,7 @@ def run(args: argparse.Namespace, log=None
     if "training" in rows:
         log("building the train-step models")
         # --quick: one norm per model and no flax twin (each column is one compilation).
-        groups += training_groups.train_groups(args.models, dtypes, quick=args.quick,
+        groups += training_groups.train_groups(models, dtypes, quick=args.quick,
                                                twin=not args.quick)
         if args.quick:
             notes.append("--quick train rows: the first norm of each model, no flax twin "
@@ -205,6 +214,8 @@ def _describe(result: GroupResult) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.devices:
+        return devices.cli_main(args, report.command_line(argv))
     meta = report.machine_info()
     meta["command"] = report.command_line(argv)
     started = time.perf_counter()

@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 
 from normzoo.functional.axes import Axes, canonicalize_axes, check_floating, check_mask
-from normzoo.functional.moments import statistics_dtype
+from normzoo.functional.moments import collective, statistics_dtype
 
 Array = jax.Array
 
@@ -178,7 +178,7 @@ def combine_covariance_across_devices(
     has_data = (count > 0)[..., None]
 
     def psum(v):
-        return lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+        return collective(lax.psum, v, axis_name, axis_index_groups)
 
     weighted = jnp.where(has_data, count[..., None] * mean, 0)
     packed = psum(jnp.concatenate([count[..., None], weighted], axis=-1))

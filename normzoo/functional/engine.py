@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from normzoo.functional.area import Area, Resolved
 from normzoo.functional.axes import check_floating, check_mask
 from normzoo.functional.estimators import BatchOnly, Estimator
+from normzoo.functional.moments import collective
 from normzoo.functional.operations import STANDARDIZE, output_dtype
 from normzoo.functional.reduction import Reduction
 
@@ -221,8 +222,8 @@ class Normalizer:
             return y, None
         average = {key: jnp.mean(v, axis=0) for key, v in batch.items()}
         if reduction.axis_name is not None:
-            average = jax.lax.pmean(average, reduction.axis_name,
-                                    axis_index_groups=reduction.axis_index_groups)
+            average = collective(jax.lax.pmean, average, reduction.axis_name,
+                                 reduction.axis_index_groups)
         return y, estimator.update(stats, self._observed(average, inner, mask))
 
     # ----------------------------------------------------------------- checks

@@ -191,6 +191,24 @@ def _count(x: Array, axes: tuple[int, ...], mask: Array | None, like: Array) -> 
     return jnp.sum(mask, axes).astype(jnp.real(like).dtype)
 
 
+def collective(op: Any, v: Any, axis_name: Any, axis_index_groups: Any = None) -> Any:
+    """``op(v, axis_name, axis_index_groups=axis_index_groups)`` for ``op`` ``lax.psum`` or
+    ``lax.pmean``. jax implements ``axis_index_groups`` under ``pmap``, and under
+    ``shard_map`` only with ``check_vma=False``; elsewhere it raises a bare
+    NotImplementedError, turned here into a ValueError that names the argument and the ways
+    to per-group statistics there."""
+    try:
+        return op(v, axis_name, axis_index_groups=axis_index_groups)
+    except NotImplementedError as error:
+        if axis_index_groups is None:
+            raise
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r}: jax supports axis_index_groups under "
+            "jax.pmap, and under shard_map only with check_vma=False; otherwise give each "
+            f"group its own mesh axis (e.g. a mesh ('group', {axis_name!r})) and pass "
+            f"axis_name={axis_name!r} with axis_index_groups=None") from error
+
+
 def combine_across_devices(
     count: Array,
     mean: Array,
@@ -213,7 +231,7 @@ def combine_across_devices(
     """
     has_data = count > 0
     count = count.astype(mean.dtype)
-    psum = lambda v: lax.psum(v, axis_name, axis_index_groups=axis_index_groups)  # noqa: E731
+    psum = lambda v: collective(lax.psum, v, axis_name, axis_index_groups)  # noqa: E731
     weighted = jnp.where(has_data, count * (mean if centered else second), 0)
     total, weighted_sum = psum(jnp.stack([count, weighted]))
     total = jnp.real(total)
