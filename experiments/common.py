@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from experiments.data import Dataset, load_dataset
+from experiments.distributed import all_processes, data_parallel
 from experiments.models import build_model, check_norm, freeze_overrides
 from experiments.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Estimate  # noqa: F401  (re-exported)
-from experiments.store import JobStore, atomic_write_json, atomic_write_text, config_hash, strict
+from experiments.store import JobStore, atomic_write_json, atomic_write_text, config_hash, strict, writes_enabled
 from experiments.train import Probe, Run, TrainSpec, train_job
 
 CACHE_VERSION = 1
@@ -32,6 +33,10 @@ class Options:
 
     ``api``: ``linen`` or ``nnx``, the Flax API every model of the suite is built in
     (:func:`experiments.models.build_model`); both give the same numbers for the same seed.
+
+    ``devices``: train data-parallel over this many devices (``None``: all of them; ``1``, the
+    default here: the single-device engine); ``bn_sync``: over several devices, normalize with the
+    global batch's statistics (``True``) or each device's own (see :mod:`experiments.distributed`).
     """
 
     out: Path
@@ -53,6 +58,8 @@ class Options:
     progress: bool = True
     force: bool = False
     checkpoint_every: float = 30.0
+    devices: int | None = 1
+    bn_sync: bool = True
 
 
 @dataclasses.dataclass
@@ -95,6 +102,12 @@ class ProtocolRow:
     source: str
     used: str
     why: str = ""
+
+    @classmethod
+    def table(cls, spec: Sequence[tuple[str, str, str, str]], **fields: Any) -> list["ProtocolRow"]:
+        """Rows from ``(setting, source, used, why)`` tuples; ``used`` is a format string filled
+        from ``fields`` (the suite's settings)."""
+        return [cls(setting, source, used.format(**fields), why) for setting, source, used, why in spec]
 
 
 @dataclasses.dataclass
@@ -154,8 +167,10 @@ class Context:
         self.suite = suite
         self.options = options
         self.out = Path(options.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if writes_enabled():  # in a multi-process run only process 0 writes
+            self.out.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.out)
+        self.parallel = data_parallel(options.devices, options.bn_sync)  # None: one device
         self._data: dict[tuple[Any, ...], Dataset] = {}
         self.notes: list[str] = []
 
@@ -218,6 +233,8 @@ class Context:
         for i, job in enumerate(jobs):
             job_id = self.job_id(job, data)
             cached = None if self.options.force else self.store.load(job_id)
+            if self.parallel is not None and not all_processes(cached is not None):
+                cached = None  # trained again unless every process can read it: all run the same steps
             results.append(cached)
             if cached is None:
                 todo.append((i, job, job_id))
@@ -238,6 +255,7 @@ class Context:
                     checkpoint=self.store.checkpoint_path(job_id),
                     checkpoint_every=self.options.checkpoint_every,
                     on_epoch=(lambda _e: bar.update(1)) if bar is not None else None,
+                    parallel=self.parallel,
                 )
                 result = {
                     "job_id": job_id,
@@ -278,10 +296,12 @@ class Context:
         }
         if self.options.api != "linen":  # Linen jobs keep the keys they had before --api existed
             key["api"] = self.options.api
+        if self.parallel is not None:  # one-device jobs keep the keys they had before --devices existed
+            key.update(self.parallel.cache_key())
         return config_hash(key)
 
     def _progress(self, total: int, cached: int) -> Any:
-        if not self.options.progress or total == 0:
+        if not self.options.progress or total == 0 or not writes_enabled():
             return None
         try:
             from tqdm.auto import tqdm

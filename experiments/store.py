@@ -1,7 +1,8 @@
 """Atomic file writes and the on-disk cache of finished jobs (what makes a sweep resumable).
 
 Every file is written to a temporary sibling and moved into place with ``os.replace``, so a
-crash never leaves a half-written result. A job's result is stored under ``runs/<job_id>.json``
+crash never leaves a half-written result. Every file the experiments write goes through
+:func:`atomic_write_bytes`; in a multi-process run only process 0 writes (:func:`set_writes`). A job's result is stored under ``runs/<job_id>.json``
 where ``job_id`` hashes the job's full configuration: re-running a suite skips finished jobs and
 reruns anything whose configuration changed.
 """
@@ -18,10 +19,27 @@ from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_WRITES = True
+
+
+def set_writes(enabled: bool) -> None:
+    """Whether this process writes files (``False`` on processes other than 0 of a multi-process
+    run: :func:`atomic_write_bytes` then writes nothing, so results, checkpoints, metrics, plots
+    and reports come from process 0 alone)."""
+    global _WRITES
+    _WRITES = bool(enabled)
+
+
+def writes_enabled() -> bool:
+    """Whether this process writes files (see :func:`set_writes`)."""
+    return _WRITES
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder + rename); nothing
+    on a process that does not write (:func:`set_writes`)."""
+    if not _WRITES:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -8,11 +8,14 @@ std and dropout rate. Those scalars live inside the train state (the learning ra
 * :func:`make_train_step` returns the plain per-run step ``(state, (x, y)) -> (state, metrics)``.
   It contains no device-specific code: a batch sharded over a ``jax.sharding.Mesh`` along its
   leading axis (data parallel) passes through ``jax.jit(train_step)`` unchanged, and XLA makes the
-  BatchNorm statistics global.
+  BatchNorm statistics global. With ``axis_name`` it is the per-device step of a ``shard_map``
+  (per-device statistics; gradients, metrics and running statistics averaged over devices).
 * :func:`train_job` runs the epochs: per epoch one call of ``jit(vmap(scan(train_step)))``, then an
   evaluation with running statistics on train / val / test, optional probes, a progress update
   and, every ``checkpoint_every`` seconds, a checkpoint so an interrupted job resumes where it
-  stopped with identical numbers.
+  stopped with identical numbers. With ``parallel`` (a :class:`~experiments.distributed.DataParallel`)
+  the epoch is :func:`make_parallel_epoch_fn` over a device mesh, the state replicated and every
+  batch split over the devices; evaluation chunks are split the same way.
 
 Both model APIs share this engine: a Linen module, or an NNX model wrapped functionally by
 :class:`experiments.nnx_models.NNXModel` (``apply`` with Linen's signature over the NNX state);
@@ -39,9 +42,10 @@ import optax
 from flax.training import train_state
 
 from experiments.data import Dataset
+from experiments.distributed import AXIS, DataParallel, all_processes
 from experiments.models import is_norm_param, scale_init
 from experiments.nnx_models import NNXModel
-from experiments.store import atomic_write_bytes, atomic_write_json, read_json
+from experiments.store import atomic_write_bytes, atomic_write_json, read_json, writes_enabled
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 _INIT, _DATA, _DROPOUT = 0, 1, 2
@@ -230,7 +234,9 @@ def l2_penalty(params: Any) -> jax.Array:
     return sum((jnp.sum(v**2) for p, v in leaves if getattr(p[-1], "key", None) == "kernel"), jnp.float32(0.0))
 
 
-def make_train_step() -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+    axis_name: str | None = None,
+) -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Return ``train_step(state, (x, y)) -> (state, {'loss', 'acc'})`` for one run.
 
     ``x``: ``(B, *input_shape)`` float32, ``y``: ``(B,)`` int32. The loss is mean softmax cross
@@ -239,10 +245,19 @@ def make_train_step() -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tup
     scale and shift: gamma = 1, beta = 0 stay fixed). Running
     statistics are updated through ``mutable=['batch_stats']``. Batch-wide reductions are plain
     ``mean`` calls, so a batch sharded along axis 0 gives the same result as an unsharded one.
+
+    ``axis_name``: the step of one device inside ``shard_map`` over that axis, ``x`` its own rows
+    (the same number on every device). Normalizers use this device's statistics; gradients, the
+    new running statistics and the metrics are ``pmean`` -ed over the axis, so the state stays
+    replicated (the loss is the global batch's mean because the shards are equal). The dropout
+    key is folded with the device index, so devices draw independent masks. ``None``: no
+    collective (the one-device step, unchanged).
     """
     def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         x, y = batch
         key = jax.random.fold_in(state.dropout_key, state.step)
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
             logits, updates = state.apply_fn(
@@ -259,8 +274,12 @@ def make_train_step() -> Callable[[TrainState, tuple[jax.Array, jax.Array]], tup
         grads, (ce, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
         affine = state.hparams["affine"]
         grads = jax.tree_util.tree_map_with_path(lambda p, g: g * affine if is_norm_param(p) else g, grads)
-        new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-        return new_state, {"loss": ce, "acc": jnp.mean(jnp.argmax(logits, -1) == y)}
+        batch_stats = updates.get("batch_stats", state.batch_stats)
+        metrics = {"loss": ce, "acc": jnp.mean(jnp.argmax(logits, -1) == y)}
+        if axis_name is not None:
+            grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        return new_state, metrics
 
     return train_step
 
@@ -277,6 +296,48 @@ def make_epoch_fn() -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
         return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
     return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0)), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=None)
+def make_parallel_epoch_fn(parallel: DataParallel, batch_size: int) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``epoch_fn(states, xb, yb) -> (states, {'loss': (K,), 'acc': (K,)})``: one epoch of ``K``
+    vmapped runs over ``parallel`` 's mesh, the data-parallel twin of :func:`make_epoch_fn`.
+
+    ``states``: replicated. ``xb``: ``(K, steps, B', *input_shape)``, ``yb``: ``(K, steps, B')``,
+    the epoch's batches split over the devices along axis 2 (``B' = parallel.padded(batch_size)``,
+    from :meth:`~experiments.distributed.DataParallel.batches`). Returns replicated outputs.
+
+    * sync: ``jit(vmap(scan(train_step)))`` on the sharded batches. Each step keeps the first
+      ``batch_size`` rows (the padding goes) and asks for them split over the devices; XLA then
+      computes every batch-wide reduction (statistics, loss, gradients) over exactly those rows,
+      whether or not ``batch_size`` divides by the device count.
+    * per-device: ``shard_map`` over the data axis of ``vmap(scan(train_step(axis_name)))``; each
+      device trains on its ``batch_size / N`` rows with its own statistics, and the averaged
+      updates keep the state replicated.
+    """
+    mesh, rep = parallel.mesh, parallel.replicated
+    if parallel.sync:
+        step = make_train_step()
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+        def body(state: TrainState, batch: tuple[jax.Array, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+            x, y = (jax.lax.with_sharding_constraint(a[:batch_size], rows) for a in batch)
+            return step(state, (x, y))
+    else:
+        body = make_train_step(AXIS)
+
+    def one(state: TrainState, xb: jax.Array, yb: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        state, metrics = jax.lax.scan(body, state, (xb, yb))
+        return state, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    epoch = jax.vmap(one)
+    if not parallel.sync:
+        spec = jax.sharding.PartitionSpec(None, None, AXIS)
+        # check_vma=False: the gradients stay per device (no implicit sum over the replicated
+        # params' uses) and train_step averages them itself, as under pmap
+        epoch = jax.shard_map(epoch, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec, spec),
+                              out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    return jax.jit(epoch, out_shardings=(rep, rep), donate_argnums=0)
 
 
 def forward(state: TrainState, x: jax.Array, *, batch_stats_mode: bool = False, collect: bool = False) -> Any:
@@ -302,15 +363,19 @@ def forward(state: TrainState, x: jax.Array, *, batch_stats_mode: bool = False, 
 
 
 @functools.lru_cache(maxsize=None)
-def make_eval_fn(batch_stats_mode: bool = False) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def make_eval_fn(batch_stats_mode: bool = False,
+                 parallel: DataParallel | None = None) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """``eval_fn(states, x, y, w) -> (loss_sum (K,), correct_sum (K,))`` for one chunk; ``w`` is a
-    0/1 mask of valid rows (padding)."""
+    0/1 mask of valid rows (padding). With ``parallel`` the outputs are replicated over its mesh
+    (the chunk may be split over the devices: with running statistics each row is independent)."""
 
     def one(state: TrainState, x: jax.Array, y: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = forward(state, x, batch_stats_mode=batch_stats_mode)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(w * ce), jnp.sum(w * (jnp.argmax(logits, -1) == y))
 
+    if parallel is not None:
+        return jax.jit(jax.vmap(one, in_axes=(0, None, None, None)), out_shardings=parallel.replicated)
     return jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
 
 
@@ -322,11 +387,13 @@ def evaluate(
     chunk: int,
     *,
     drop_remainder: bool = False,
+    put: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean loss and accuracy per run, ``(K,)`` each, over ``x`` in chunks of ``chunk`` rows.
 
     The last chunk is zero-padded and masked, or dropped with ``drop_remainder`` (needed when the
-    normalizer uses the statistics of the evaluation batch itself).
+    normalizer uses the statistics of the evaluation batch itself). ``put`` places each chunk's
+    host arrays (e.g. split over a mesh: :meth:`~experiments.distributed.DataParallel.put_rows`).
     """
     n = len(y)
     if drop_remainder:
@@ -342,6 +409,8 @@ def evaluate(
         if m < chunk:
             xb = np.concatenate([xb, np.zeros((chunk - m, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(chunk - m, yb.dtype)])
+        if put is not None:
+            xb, yb, w = put(xb), put(yb), put(w)
         ls, cs = eval_fn(states, xb, yb, w)
         loss, correct = loss + np.asarray(ls, np.float64), correct + np.asarray(cs, np.float64)
     return np.asarray(loss / n), np.asarray(correct / n)
@@ -382,6 +451,7 @@ def train_job(
     checkpoint: Path | None = None,
     checkpoint_every: float = 30.0,
     on_epoch: Callable[[int], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> JobResult:
     """Train ``runs`` of ``model`` jointly (vmapped) and record per-epoch metrics.
 
@@ -398,6 +468,10 @@ def train_job(
       checkpoint: file for periodic checkpoints; if it exists, training resumes from it.
       checkpoint_every: seconds between checkpoints (0 = every epoch).
       on_epoch: callback after each finished epoch (progress bars, tests).
+      parallel: train data-parallel over this mesh (see :mod:`experiments.distributed`); ``None``:
+        one device. ``probe`` runs on the replicated state; ``after`` and the returned states get
+        an ordinary single-device copy. In a multi-process run every process calls this with the
+        same arguments; a checkpoint resumes only when every process can read it.
 
     Returns:
       A :class:`JobResult`. Each record has ``history`` (one dict per epoch 0..E with
@@ -407,35 +481,52 @@ def train_job(
     """
     t0 = time.perf_counter()
     k = len(runs)
-    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    if parallel is None:  # the whole training set on the device; batches are gathered in the step
+        x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     train_eval = (data.x_train[: spec.train_eval_max], data.y_train[: spec.train_eval_max])
     n_train = len(data.y_train)
     if n_train < spec.batch_size:
         raise ValueError(f"batch_size={spec.batch_size} exceeds the {n_train} training samples")
     states = init_states(model, spec, data.x_train[:2], runs)
-    epoch_fn = make_epoch_fn()
-    eval_fn = make_eval_fn()
-    probe_fn = jax.jit(jax.vmap(probe, in_axes=(0, None))) if probe is not None else None
     chunk = min(spec.eval_chunk, max(len(data.y_train), len(data.y_val), len(data.y_test)))
+    put = probe_x_dev = None
+    if parallel is None:
+        epoch_fn = make_epoch_fn()
+        eval_fn = make_eval_fn()
+        probe_fn = jax.jit(jax.vmap(probe, in_axes=(0, None))) if probe is not None else None
+    else:
+        parallel.check_batch(spec.batch_size)
+        states = parallel.replicate(states)
+        epoch_fn = make_parallel_epoch_fn(parallel, spec.batch_size)
+        eval_fn = make_eval_fn(False, parallel)
+        chunk, put = parallel.padded(chunk), parallel.put_rows
+        probe_fn = (jax.jit(jax.vmap(probe, in_axes=(0, None)), out_shardings=parallel.replicated)
+                    if probe is not None else None)
+        probe_x_dev = parallel.replicate(np.asarray(probe_x)) if probe is not None else None
 
     history: list[list[dict[str, float]]] = [[] for _ in range(k)]
     probes: list[dict[str, list[Any]]] = [{} for _ in range(k)]
     start_epoch = 0
-    if checkpoint is not None and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file():
+    resume = checkpoint is not None and checkpoint.is_file() and checkpoint.with_suffix(".json").is_file()
+    if parallel is not None:
+        resume = all_processes(resume)  # every process resumes, or none does
+    if resume:
         meta = read_json(checkpoint.with_suffix(".json"))
         states = flax.serialization.from_bytes(states, checkpoint.read_bytes())
+        if parallel is not None:
+            states = parallel.replicate(states)
         history, probes, start_epoch = meta["history"], meta["probes"], meta["next_epoch"]
 
     def record_epoch(epoch: int, train_loss: np.ndarray) -> None:
         splits = {"train": train_eval, "val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
-        res = {s: evaluate(eval_fn, states, xs, ys, chunk) for s, (xs, ys) in splits.items() if len(ys)}
+        res = {s: evaluate(eval_fn, states, xs, ys, chunk, put=put) for s, (xs, ys) in splits.items() if len(ys)}
         for i in range(k):
             row = {"epoch": epoch, "train_loss": float(train_loss[i])}
             for s, (lo, acc) in res.items():
                 row[f"{s}_loss"], row[f"{s}_acc"] = float(lo[i]), float(acc[i])
             history[i].append(row)
         if probe_fn is not None:
-            out = jax.device_get(probe_fn(states, jnp.asarray(probe_x)))
+            out = jax.device_get(probe_fn(states, jnp.asarray(probe_x) if probe_x_dev is None else probe_x_dev))
             for i in range(k):
                 for name, val in out.items():
                     probes[i].setdefault(name, []).append(np.asarray(val[i]).tolist())
@@ -446,9 +537,13 @@ def train_job(
     last_save = time.perf_counter()
     for epoch in range(start_epoch, spec.epochs + 1):
         order = np.stack([batch_order(r.seed, epoch, n_train, spec.batch_size) for r in runs])
-        states, metrics = epoch_fn(states, x_train, y_train, order)
+        if parallel is None:
+            states, metrics = epoch_fn(states, x_train, y_train, order)
+        else:
+            states, metrics = epoch_fn(states, *parallel.batches(data.x_train, data.y_train, order))
         record_epoch(epoch, np.asarray(metrics["loss"]))
-        if checkpoint is not None and (time.perf_counter() - last_save >= checkpoint_every or checkpoint_every <= 0):
+        if (checkpoint is not None and writes_enabled()
+                and (time.perf_counter() - last_save >= checkpoint_every or checkpoint_every <= 0)):
             atomic_write_bytes(checkpoint, flax.serialization.to_bytes(states))
             atomic_write_json(
                 checkpoint.with_suffix(".json"), {"history": history, "probes": probes, "next_epoch": epoch + 1}
@@ -457,6 +552,8 @@ def train_job(
         if on_epoch is not None:
             on_epoch(epoch)
 
+    if parallel is not None:
+        states = parallel.local_copy(states)
     extras: list[dict[str, Any]] = [{} for _ in range(k)]
     if after is not None:
         extras = after(states)
@@ -473,7 +570,7 @@ def train_job(
                 "extra": extras[i],
             }
         )
-    if checkpoint is not None:
+    if checkpoint is not None and writes_enabled():
         for p in (checkpoint, checkpoint.with_suffix(".json")):
             p.unlink(missing_ok=True)
     return JobResult(records=records, states=states, seconds=time.perf_counter() - t0)
