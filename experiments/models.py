@@ -6,6 +6,8 @@
   average pooling, a Dense classifier. Convolves over every axis but the last, so it runs on
   images ``(N, H, W, C)`` and sequences ``(N, L, C)`` alike.
 * :class:`ResNet` - a small pre-pool ResNet of basic blocks ``conv-norm-act-conv-norm (+skip)``.
+* :class:`Transformer` - a small pre-LN transformer over a 1-D signal cut into patches (tokens):
+  ``x + attn(norm(x))``, ``x + mlp(norm(x))`` per block, a final norm, mean pooling, a Dense head.
 
 Their Flax NNX versions (``--api nnx``) are in :mod:`experiments.nnx_models`.
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from normzoo import registry
+from normzoo.linen.weights import WSConv
 
 Overrides = tuple[tuple[str, Any], ...]
 
@@ -170,6 +173,8 @@ class CNN(nn.Module):
     Attributes:
       channels: output channels per conv block; blocks with odd index use stride 2.
       num_classes, norm, norm_overrides, activation, dropout: as in :class:`MLP`.
+      weight_std: weight-standardized convolutions (``normzoo.linen.WSConv``, Qiao et al. 2019:
+        each filter standardized over its fan-in before use; same variables as ``nn.Conv``).
     """
 
     channels: Sequence[int]
@@ -179,6 +184,7 @@ class CNN(nn.Module):
     norm_overrides: Overrides = ()
     activation: str = "relu"
     dropout: bool = False
+    weight_std: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, dropout_rate: jax.Array | float = 0.0) -> jax.Array:
@@ -187,7 +193,8 @@ class CNN(nn.Module):
         for i, c in enumerate(self.channels):
             self.sow("intermediates", f"layer_in_{i}", x)
             stride = 2 if i % 2 == 1 else 1
-            x = nn.Conv(c, (3,) * spatial, strides=(stride,) * spatial, kernel_init=_KERNEL_INIT, name=f"conv_{i}")(x)
+            conv = WSConv if self.weight_std else nn.Conv
+            x = conv(c, (3,) * spatial, strides=(stride,) * spatial, kernel_init=_KERNEL_INIT, name=f"conv_{i}")(x)
             norm = make_norm(self.norm, c, x.ndim, train, self.norm_overrides)
             if self.norm_position == "before":
                 x = norm(x)
@@ -248,7 +255,82 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, name="head")(x)
 
 
-MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+class Transformer(nn.Module):
+    """Small pre-LN transformer classifier for 1-D signals ``(N, L)`` or ``(N, L, 1)``.
+
+    The signal is cut into ``L // patch`` non-overlapping patches (tokens of ``patch`` values;
+    ``L`` must be a multiple of ``patch``), embedded by a Dense layer (``stem``) plus a learned
+    positional embedding (``stem_pos``, N(0, 0.02)), then ``depth`` pre-LN blocks
+    ``x + proj(attention(norm(x)))``, ``x + fc2(act(fc1(norm(x))))`` (MLP ratio 2, ``heads``
+    heads), a final norm, mean pooling over tokens and a Dense ``head``.
+
+    Normalizers act per token over the ``width`` channels (built as for a ``(N, width)`` layer,
+    so ``ln``/``rms`` reduce over channels only; ``bn`` reduces over samples and tokens; ``dyt`` is
+    elementwise; ``none`` is the identity). ``norm_out_{i}`` is sown for each of the
+    ``2 * depth + 1`` normalizers.
+
+    Attributes:
+      width: model width (channels per token); a multiple of ``heads``.
+      depth: number of blocks.
+      num_classes, norm, norm_overrides, activation, dropout: as in :class:`MLP` (dropout before
+        the head); ``norm_position`` is accepted for a uniform interface and must be ``"before"``.
+      patch: values per token.
+      heads: attention heads.
+    """
+
+    width: int
+    depth: int
+    num_classes: int
+    norm: str = "ln"
+    norm_position: str = "before"
+    norm_overrides: Overrides = ()
+    activation: str = "gelu"
+    dropout: bool = False
+    patch: int = 4
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, dropout_rate: jax.Array | float = 0.0) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        n = x.shape[0]
+        x = x.reshape(n, -1)
+        if x.shape[1] % self.patch:
+            raise ValueError(f"signal length {x.shape[1]} is not a multiple of patch={self.patch}")
+        tokens, hd = x.shape[1] // self.patch, self.width // self.heads
+        x = x.reshape(n, tokens, self.patch)
+        x = nn.Dense(self.width, kernel_init=_KERNEL_INIT, name="stem")(x)
+        x = x + self.param("stem_pos", nn.initializers.normal(0.02), (tokens, self.width))
+        count = 0
+
+        def norm(h: jax.Array) -> jax.Array:
+            nonlocal count
+            out = make_norm(self.norm, self.width, 2, train, self.norm_overrides)(h)
+            self.sow("intermediates", f"norm_out_{count}", out)
+            count += 1
+            return out
+
+        for b in range(self.depth):
+            qkv = nn.Dense(3 * self.width, kernel_init=_KERNEL_INIT, name=f"block{b}_qkv")(norm(x))
+            x = x + nn.Dense(self.width, kernel_init=_KERNEL_INIT, name=f"block{b}_proj")(
+                attention(qkv, self.heads, hd))
+            h = act(nn.Dense(2 * self.width, kernel_init=_KERNEL_INIT, name=f"block{b}_fc1")(norm(x)))
+            x = x + nn.Dense(self.width, kernel_init=_KERNEL_INIT, name=f"block{b}_fc2")(h)
+        x = norm(x).mean(axis=1)
+        if self.dropout:
+            x = _dropout(self, x, dropout_rate, train)
+        return nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, name="head")(x)
+
+
+def attention(qkv: jax.Array, heads: int, head_dim: int) -> jax.Array:
+    """Softmax self-attention of ``qkv`` ``(N, T, 3 * heads * head_dim)`` (queries, keys and values
+    concatenated); returns ``(N, T, heads * head_dim)``."""
+    n, t, _ = qkv.shape
+    q, k, v = jnp.moveaxis(qkv.reshape(n, t, 3, heads, head_dim), 2, 0)
+    w = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(head_dim), axis=-1)
+    return jnp.einsum("nhqk,nkhd->nqhd", w, v).reshape(n, t, heads * head_dim)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "transformer": Transformer}
 
 
 def build_model(
@@ -262,11 +344,13 @@ def build_model(
     norm_overrides: Overrides = (),
     activation: str = "relu",
     dropout: bool = False,
+    weight_std: bool = False,
     api: str = "linen",
 ) -> Any:
     """Build a model by kind: ``mlp`` (``depth`` hidden layers of ``width``), ``cnn``
-    (``depth`` conv blocks of ``width`` channels, doubled at the second half) or ``resnet``
-    (``depth`` basic blocks).
+    (``depth`` conv blocks of ``width`` channels, doubled at the second half; ``weight_std``:
+    weight-standardized convolutions), ``resnet`` (``depth`` basic blocks) or ``transformer``
+    (``depth`` pre-LN blocks of width ``width`` over patches of 4 values).
 
     ``api="nnx"`` builds the Flax NNX version instead, an
     :class:`experiments.nnx_models.NNXModel` with the same ``apply`` signature (same numbers)."""
@@ -277,7 +361,7 @@ def build_model(
 
         return build_nnx_model(kind, num_classes=num_classes, width=width, depth=depth, norm=norm,
                                norm_position=norm_position, norm_overrides=norm_overrides,
-                               activation=activation, dropout=dropout)
+                               activation=activation, dropout=dropout, weight_std=weight_std)
     if kind not in MODELS:
         raise ValueError(f"model={kind!r} is unknown; expected one of {list(MODELS)}")
     if norm_position not in ("before", "after"):
@@ -292,8 +376,17 @@ def build_model(
         activation=activation,
         dropout=dropout,
     )
+    if weight_std and kind != "cnn":
+        raise ValueError(f"weight_std=True is a CNN option; model={kind!r}")
     if kind == "mlp":
         return MLP(widths=(width,) * depth, **common)
+    if kind == "transformer":
+        if norm_position != "before":
+            raise ValueError("the transformer is pre-LN: norm_position must be 'before'")
+        return Transformer(width=width, depth=depth, **common)
+    if kind == "cnn":
+        chans = tuple(width if i < (depth + 1) // 2 else 2 * width for i in range(depth))
+        return CNN(channels=chans, weight_std=weight_std, **common)
     chans = tuple(width if i < (depth + 1) // 2 else 2 * width for i in range(depth))
     return MODELS[kind](channels=chans, **common)
 

@@ -1,6 +1,6 @@
 """The models of :mod:`experiments.models` in Flax NNX (``python -m experiments SUITE --api nnx``).
 
-:class:`MLP`, :class:`CNN` and :class:`ResNet` are ``nnx.Module`` s built from ``nnx.Linear`` /
+:class:`MLP`, :class:`CNN`, :class:`ResNet` and :class:`Transformer` are ``nnx.Module`` s built from ``nnx.Linear`` /
 ``nnx.Conv`` and ``registry.make(name, api="nnx", num_features=..., rngs=...)`` normalizers,
 computing what their Linen twins compute, layer for layer (same activations, placement, dropout,
 pooling and sown intermediates).
@@ -45,7 +45,8 @@ from flax.core.scope import LazyRng
 
 from normzoo import registry
 from normzoo.nnx import WithRunningAverage, linen_to_nnx
-from experiments.models import ACTIVATIONS, Overrides, build_model, default_norm_overrides, make_norm
+from normzoo.nnx.weights import WSConv
+from experiments.models import ACTIVATIONS, Overrides, attention, build_model, default_norm_overrides, make_norm
 
 _KERNEL_INIT = nnx.initializers.normal(1.0)
 
@@ -156,17 +157,18 @@ class CNN(_Model):
 
     def __init__(self, channels: Sequence[int], num_classes: int, *, input_shape: Sequence[int], norm: str = "none",
                  norm_position: str = "before", norm_overrides: Overrides = (), activation: str = "relu",
-                 dropout: bool = False, rngs: nnx.Rngs) -> None:
+                 dropout: bool = False, weight_std: bool = False, rngs: nnx.Rngs) -> None:
         self._configure(num_classes, norm, norm_position, norm_overrides, activation, dropout)
         self.channels = tuple(channels)
         spatial = len(input_shape) - 1
         names = _Names(norm, self.norm_overrides)
         norm_names = []
         fan_in = input_shape[-1]
+        conv = WSConv if weight_std else nnx.Conv
         for i, c in enumerate(self.channels):
             stride = 2 if i % 2 == 1 else 1
-            setattr(self, f"conv_{i}", nnx.Conv(fan_in, c, (3,) * spatial, strides=(stride,) * spatial,
-                                                kernel_init=_KERNEL_INIT, rngs=rngs))
+            setattr(self, f"conv_{i}", conv(fan_in, c, (3,) * spatial, strides=(stride,) * spatial,
+                                            kernel_init=_KERNEL_INIT, rngs=rngs))
             norm_names.append(names(c, spatial + 2))
             setattr(self, norm_names[-1], make_norm_nnx(norm, c, spatial + 2, self.norm_overrides, rngs))
             fan_in = c
@@ -250,6 +252,68 @@ class ResNet(_Model):
         return self.head(x)
 
 
+class Transformer(_Model):
+    """NNX twin of :class:`experiments.models.Transformer` (``stem``, ``stem_pos``, per block
+    ``block{b}_qkv`` / ``_proj`` / ``_fc1`` / ``_fc2``, the normalizers, ``head``);
+    ``input_shape`` = one sample's shape, ``(L,)`` or ``(L, 1)``."""
+
+    def __init__(self, width: int, depth: int, num_classes: int, *, input_shape: Sequence[int], norm: str = "ln",
+                 norm_position: str = "before", norm_overrides: Overrides = (), activation: str = "gelu",
+                 dropout: bool = False, patch: int = 4, heads: int = 4, rngs: nnx.Rngs) -> None:
+        self._configure(num_classes, norm, norm_position, norm_overrides, activation, dropout)
+        self.width, self.depth, self.patch, self.heads = width, depth, patch, heads
+        length = int(np.prod(input_shape))
+        tokens = length // patch
+        names = _Names(norm, self.norm_overrides)
+        norm_names = []
+
+        def add_norm() -> None:
+            norm_names.append(names(width, 2))
+            setattr(self, norm_names[-1], make_norm_nnx(norm, width, 2, self.norm_overrides, rngs))
+
+        def dense(cin: int, cout: int) -> nnx.Linear:
+            return nnx.Linear(cin, cout, kernel_init=_KERNEL_INIT, rngs=rngs)
+
+        self.stem = dense(patch, width)
+        self.stem_pos = nnx.Param(jnp.zeros((tokens, width)))
+        for b in range(depth):
+            add_norm()
+            setattr(self, f"block{b}_qkv", dense(width, 3 * width))
+            setattr(self, f"block{b}_proj", dense(width, width))
+            add_norm()
+            setattr(self, f"block{b}_fc1", dense(width, 2 * width))
+            setattr(self, f"block{b}_fc2", dense(2 * width, width))
+        add_norm()
+        self.norm_names = tuple(norm_names)
+        self.head = dense(width, num_classes)
+
+    def __call__(self, x: jax.Array, *, train: bool, dropout_rate: jax.Array | float = 0.0,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        n = x.shape[0]
+        x = x.reshape(n, -1)
+        tokens, hd = x.shape[1] // self.patch, self.width // self.heads
+        x = self.stem(x.reshape(n, tokens, self.patch)) + self.stem_pos[...]
+        count = 0
+
+        def norm(h: jax.Array) -> jax.Array:
+            nonlocal count
+            out = call_norm(getattr(self, self.norm_names[count]), h, train)
+            self.sow(nnx.Intermediate, f"norm_out_{count}", out)
+            count += 1
+            return out
+
+        for b in range(self.depth):
+            qkv = getattr(self, f"block{b}_qkv")(norm(x))
+            x = x + getattr(self, f"block{b}_proj")(attention(qkv, self.heads, hd))
+            h = act(getattr(self, f"block{b}_fc1")(norm(x)))
+            x = x + getattr(self, f"block{b}_fc2")(h)
+        x = norm(x).mean(axis=1)
+        if self.dropout and train:
+            x = _dropout(x, dropout_rate, linen_dropout_key(dropout_key, 1))
+        return self.head(x)
+
+
 class NNXModel:
     """An NNX model, functionally: Linen's ``apply`` signature over ``nnx.split`` state.
 
@@ -326,7 +390,7 @@ class NNXModel:
         return logits, cols
 
 
-NNX_MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+NNX_MODELS = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "transformer": Transformer}
 
 
 def build_nnx_model(kind: str, **kwargs: Any) -> NNXModel:
@@ -343,6 +407,11 @@ def build_nnx_model(kind: str, **kwargs: Any) -> NNXModel:
             for d in input_shape:
                 size *= d
             return MLP(linen.widths, in_features=size, rngs=rngs, **fields)
+        if kind == "transformer":
+            return Transformer(linen.width, linen.depth, input_shape=input_shape, patch=linen.patch,
+                               heads=linen.heads, rngs=rngs, **fields)
+        if kind == "cnn":
+            return CNN(linen.channels, input_shape=input_shape, weight_std=linen.weight_std, rngs=rngs, **fields)
         return NNX_MODELS[kind](linen.channels, input_shape=input_shape, rngs=rngs, **fields)
 
     return NNXModel(kind, linen, factory)

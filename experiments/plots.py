@@ -41,6 +41,12 @@ COLORS = {
     "cholesky": "tab:olive",
     "iternorm": "tab:pink",
     "dbn": "navy",
+    "gw": "darkgoldenrod",
+    "brn": "teal",
+    "ghost-bn": "lightsteelblue",
+    "gn+ws": "darkgreen",
+    "frn": "sienna",
+    "dyt": "crimson",
 }
 
 

@@ -10,8 +10,10 @@ from experiments.suites import (
     hparam_search,
     init_scale,
     lr_robustness,
+    no_norm,
     overfitting,
     placement,
+    small_batch,
     train_vs_eval,
     whitening,
 )
@@ -28,5 +30,7 @@ SUITES: dict[str, ModuleType] = {
         placement,
         train_vs_eval,
         lr_robustness,
+        small_batch,
+        no_norm,
     )
 }

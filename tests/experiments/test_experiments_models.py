@@ -39,3 +39,36 @@ def test_conv_models_train_on_images(kind):
     model = build_model(kind, num_classes=10, width=4, depth=2, norm="gn")
     res = train_job(model, TrainSpec(optimizer="adam", batch_size=32, epochs=1), data, [Run(seed=0, lr=1e-2)])
     assert np.isfinite(final(res.records[0], "train_loss"))
+
+
+def _logits_both_apis(kind, norm, x, **kw):
+    """Logits of a Linen model and of its NNX twin from the same variables (training-mode forward:
+    stateful normalizers use batch statistics)."""
+    from experiments.models import scale_init
+    from experiments.nnx_models import NNXModel
+    from experiments.train import draw_kernels, init_variables
+
+    linen = build_model(kind, num_classes=10, norm=norm, **kw)
+    nnx_model = build_model(kind, num_classes=10, norm=norm, api="nnx", **kw)
+    assert isinstance(nnx_model, NNXModel)
+    template = init_variables(linen, jax.numpy.asarray(x[:2]))
+    variables = {**template, "params": scale_init(draw_kernels(template["params"], 3), "xavier", 1.0)}
+    a, _ = linen.apply(variables, x, train=True, mutable=["batch_stats"])
+    b, _ = nnx_model.apply(nnx_model.from_linen(variables, x.shape[1:]), x, train=True, mutable=["batch_stats"])
+    return np.asarray(a), np.asarray(b)
+
+
+@pytest.mark.parametrize("norm", ["ln", "dyt", "none"])
+def test_transformer_linen_and_nnx_give_the_same_logits(norm):
+    x = np.random.default_rng(0).standard_normal((6, 40, 1)).astype(np.float32)  # mnist1d's shape
+    a, b = _logits_both_apis("transformer", norm, x, width=8, depth=2)
+    assert a.shape == (6, 10) and np.all(np.isfinite(a))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_standardized_cnn_linen_and_nnx_give_the_same_logits():
+    x = np.random.default_rng(1).standard_normal((4, 40, 1)).astype(np.float32)
+    a, b = _logits_both_apis("cnn", "gn", x, width=4, depth=2, weight_std=True)
+    plain, _ = _logits_both_apis("cnn", "gn", x, width=4, depth=2)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a, plain)  # the kernels are standardized

@@ -17,13 +17,15 @@ from experiments.suites import SUITES
 TINY = {
     "init-scale": dict(stds=[1.0, 0.1, 0.01]),
     "overfitting": dict(),
-    "hparam-search": dict(trials=6),
-    "batch-size": dict(batch_sizes=[4, 16], norms=["bn", "gn"], model="mlp"),  # the CNN: see test_models
-    "whitening": dict(norms=["bn", "zca", "not-a-layer"], probe_size=64, batch_size=32),
+    "hparam-search": dict(trials=6, searches=2),
+    "batch-size": dict(batch_sizes=[4, 16], norms=["bn", "gn"], model="mlp", devices=2),  # the CNN: see test_models
+    "whitening": dict(norms=["bn", "zca", "not-a-layer"], probe_size=64, batch_size=32, lrs=[0.1]),
     "covariate-shift": dict(),
     "placement": dict(activations=["sigmoid"]),
     "train-vs-eval": dict(momenta=[0.9], batch_size=16),
     "lr-robustness": dict(lrs=[0.01, 1.0], norms=["none", "bn"]),
+    "small-batch": dict(batch_sizes=[4, 16], norms=["bn", "gn+ws", "not-a-layer"]),
+    "no-norm": dict(norms=["ln", "dyt"]),
 }
 
 
