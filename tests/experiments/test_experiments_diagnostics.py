@@ -44,15 +44,19 @@ def test_probes_give_the_numbers_of_the_hand_written_statistics():
                "norm_out": jnp.stack([old_log10_cond(inter[f"norm_out_{i}"]) for i in range(2)]),
                "layer_in": jnp.stack([old_log10_cond(inter[f"layer_in_{i}"]) for i in (1, 2)]),
                "singular": old_log10_cond(inter["layer_in_1"][:6])}  # 6 samples of 12 features: capped
-        new = {**covariate_shift.percentile_probe(state, x), **whitening.cond_probe(state, x),
-               "singular": whitening.log10_cond(inter["layer_in_1"][:6])}
-        return old, new
+        new = covariate_shift.percentile_probe(state, x)
+        return old, new, inter
 
-    old, new = both(x)
+    old, new, inter = both(x)
+    # whitening's statistic is float64 NumPy on the collected intermediates (its after-hook)
+    new = {**new, "norm_out": np.array([whitening.log10_cond(inter[f"norm_out_{i}"]) for i in range(2)]),
+           "layer_in": np.array([whitening.log10_cond(inter[f"layer_in_{i}"]) for i in (1, 2)]),
+           "singular": whitening.log10_cond(inter["layer_in_1"][:6])}
     assert new["pct"].shape == (covariate_shift.UNITS, 3) and new["norm_out"].shape == (2,)
     assert float(new["singular"]) > 5  # the cap, 1e8, or float32 noise above 1e5
-    for key in old:
-        np.testing.assert_allclose(new[key], old[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(new["pct"], old["pct"], rtol=1e-6, atol=1e-6)
+    for key in ("norm_out", "layer_in"):  # float64 vs the old float32: float32 rounding of the eigenvalues
+        np.testing.assert_allclose(new[key], old[key], rtol=2e-3, atol=2e-3, err_msg=key)
 
 
 # covariate-shift runs by default (about 3 s); whitening, which compiles the same engine around its

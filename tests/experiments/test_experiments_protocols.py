@@ -25,6 +25,7 @@ TINY_B = {
     "train-vs-eval": dict(momenta=[0.9, 0.999], batch_size=16),
     "small-batch": dict(batch_sizes=[4, 16], norms=["bn", "gn"]),
     "no-norm": dict(norms=["ln", "none"]),
+    "whitening": dict(norms=["bn", "zca"], lrs=[0.1], probe_size=64, batch_size=32),
 }
 TINY = {**TINY_A, **TINY_B}
 BANDLESS = {"hparam-search"}  # its curves are single trials; its spread is over searches, in the tables
