@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from normzoo.functional.factorize import serial_on_cpu
 from flax import nnx
 
 Array = jax.Array
@@ -210,13 +212,16 @@ def covariance_condition_number(
     return _condition_number(x, axis, float(epsilon))
 
 
+_eigvalsh = serial_on_cpu(jnp.linalg.eigvalsh)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _condition_number(x: Array, axis: int, epsilon: float) -> Array:
     h = _matrix(x, axis)
     h = h.astype(_compute_dtype(h.dtype))
     hc = h - h.mean(0)
     cov = jnp.matmul(hc.T, hc, precision=jax.lax.Precision.HIGHEST) / h.shape[0]
-    ev = jnp.linalg.eigvalsh(cov)
+    ev = _eigvalsh(cov)  # one matrix at a time on CPU (normzoo.functional.factorize)
     top, bottom = ev[-1], ev[0]
     floor = jnp.maximum(bottom, top * jnp.asarray(epsilon, h.dtype))
     cap = jnp.asarray(1.0 / epsilon, h.dtype)

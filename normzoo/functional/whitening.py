@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from normzoo.functional.factorize import serial_on_cpu
 from normzoo.functional.area import Resolved
 from normzoo.functional.axes import broadcast_shape, split_groups
 from normzoo.functional.covariance import (
@@ -122,13 +123,18 @@ def _eye_like(a: Array) -> Array:
     return jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
 
 
-def _eigh(sigma: Array, epsilon: float) -> tuple[Array, Array]:
+_EIGH = {False: functools.partial(jnp.linalg.eigh, symmetrize_input=False)}
+_EIGH[True] = serial_on_cpu(_EIGH[False])
+
+
+def _eigh(sigma: Array, epsilon: float, serial: bool) -> tuple[Array, Array]:
     """Eigenpairs of ``sigma + eps I``: ascending ``(lam, D)``, ``lam >= eps``.
 
     ``sigma`` is PSD; rounding can make its null eigenvalues slightly negative, so they are
     clamped at 0 before ``eps`` is added (same eigenvectors), which keeps ``lam^-1/2`` finite.
+    ``serial``: one matrix at a time on CPU (:mod:`normzoo.functional.factorize`).
     """
-    lam, d = jnp.linalg.eigh(_symmetrize(sigma), symmetrize_input=False)
+    lam, d = _EIGH[serial](_symmetrize(sigma))
     return jnp.maximum(lam, 0) + epsilon, d
 
 
@@ -142,18 +148,18 @@ def _zca_from(lam: Array, d: Array) -> Array:
     return _quad(d, lax.rsqrt(lam)[..., None] * _eye_like(d))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _zca(sigma: Array, epsilon: float) -> Array:
-    return _zca_from(*_eigh(sigma, epsilon))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _zca(sigma: Array, epsilon: float, serial: bool) -> Array:
+    return _zca_from(*_eigh(sigma, epsilon, serial))
 
 
 @_zca.defjvp
-def _zca_jvp(epsilon, primals, tangents):
+def _zca_jvp(epsilon, serial, primals, tangents):
     # Daleckii-Krein: dPhi = D (K o (D^T dSigma D)) D^T, K the divided differences of
     # f(l) = l^-1/2, -1 / (s_i s_j (s_i + s_j)) with s = sqrt(l) (diagonal: f'(l_i)). The
     # tangent map is linear in dSigma, so reverse mode is its transpose (the same formula).
     (sigma,), (dsigma,) = primals, tangents
-    lam, d = _eigh(sigma, epsilon)
+    lam, d = _eigh(sigma, epsilon, serial)
     s = jnp.sqrt(lam)
     k = -1.0 / (s[..., :, None] * s[..., None, :] * (s[..., :, None] + s[..., None, :]))
     inner = k * jnp.einsum("...ji,...jk,...kl->...il", d, _symmetrize(dsigma), d,
@@ -162,28 +168,28 @@ def _zca_jvp(epsilon, primals, tangents):
 
 
 # ---------------------------------------------------------------- PCA
-def _pca_basis(sigma: Array, epsilon: float) -> tuple[Array, Array]:
+def _pca_basis(sigma: Array, epsilon: float, serial: bool) -> tuple[Array, Array]:
     """Descending eigenpairs with the sign convention: each column's largest |entry| > 0."""
-    lam, d = _eigh(sigma, epsilon)
+    lam, d = _eigh(sigma, epsilon, serial)
     lam, d = lam[..., ::-1], d[..., ::-1]
     pivot = jnp.take_along_axis(d, jnp.argmax(jnp.abs(d), axis=-2)[..., None, :], axis=-2)
     return lam, d * jnp.where(pivot < 0, -1.0, 1.0).astype(d.dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _pca(sigma: Array, epsilon: float) -> Array:
-    lam, u = _pca_basis(sigma, epsilon)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _pca(sigma: Array, epsilon: float, serial: bool) -> Array:
+    lam, u = _pca_basis(sigma, epsilon, serial)
     return lax.rsqrt(lam)[..., :, None] * jnp.swapaxes(u, -1, -2)
 
 
 @_pca.defjvp
-def _pca_jvp(epsilon, primals, tangents):
+def _pca_jvp(epsilon, serial, primals, tangents):
     # Phi = diag(f) U^T, f = lam^-1/2: with A = U^T dSigma U, dlam = diag(A) and
     # dU = U (F o A), F_ij = 1 / (l_j - l_i) zeroed for (numerically) equal eigenvalues:
     # exact when the loss does not depend on the basis within an eigenspace (module
     # docstring). Linear in dSigma, so reverse mode is its transpose.
     (sigma,), (dsigma,) = primals, tangents
-    lam, u = _pca_basis(sigma, epsilon)
+    lam, u = _pca_basis(sigma, epsilon, serial)
     f = lax.rsqrt(lam)
     a = jnp.einsum("...ji,...jk,...kl->...il", u, _symmetrize(dsigma), u, precision=HIGHEST)
     diff = lam[..., None, :] - lam[..., :, None]
@@ -222,18 +228,21 @@ def _cholesky_inverse(sigma_eps: Array) -> Array:
     return lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _cholesky(sigma: Array, epsilon: float) -> Array:
-    return _cholesky_inverse(_symmetrize(sigma) + epsilon * _eye_like(sigma))
+_CHOLESKY_INVERSE = {False: _cholesky_inverse, True: serial_on_cpu(_cholesky_inverse)}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _cholesky(sigma: Array, epsilon: float, serial: bool) -> Array:
+    return _CHOLESKY_INVERSE[serial](_symmetrize(sigma) + epsilon * _eye_like(sigma))
 
 
 @_cholesky.defjvp
-def _cholesky_jvp(epsilon, primals, tangents):
+def _cholesky_jvp(epsilon, serial, primals, tangents):
     # Phi = L^-1, L L^T = S:  Phi dS Phi^T = X + X^T with X = Phi dL lower triangular, so
     # X = low(Phi dS Phi^T) (strict lower part plus half the diagonal) and
     # dPhi = -Phi dL Phi = -X Phi. The jitter of a failed factorization is a constant.
     (sigma,), (dsigma,) = primals, tangents
-    phi = _cholesky(sigma, epsilon)
+    phi = _cholesky(sigma, epsilon, serial)
     mm = functools.partial(jnp.matmul, precision=HIGHEST)
     a = mm(mm(phi, _symmetrize(dsigma)), jnp.swapaxes(phi, -1, -2))
     low = jnp.tril(a, -1) + 0.5 * a * _eye_like(a)
@@ -261,6 +270,7 @@ def whitening_matrix(
     *,
     epsilon: float = 1e-5,
     iterations: int = 5,
+    serial_on_cpu: bool = True,
 ) -> Array:
     """Whitening matrices ``Phi`` of covariance matrices ``cov`` (..., g, g), batched.
 
@@ -272,6 +282,10 @@ def whitening_matrix(
       method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"newton"``.
       epsilon: added to the diagonal (> 0 for a singular ``cov``).
       iterations: Newton-Schulz steps (``newton`` only; IterNorm's default is 5).
+      serial_on_cpu: on CPU, factorize one matrix at a time, also under ``vmap``
+        (:mod:`normzoo.functional.factorize`: batched LAPACK calls that run concurrently can
+        hang jaxlib's CPU thread pool). ``False`` keeps the batched call, for a batch of
+        matrices that is sharded over devices (a loop over it would gather it).
 
     Returns:
       ``Phi`` of the shape and dtype of ``cov``. Gradients are finite for every method,
@@ -284,11 +298,11 @@ def whitening_matrix(
     if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"cov has shape {cov.shape}; expected square matrices (..., g, g)")
     if method == "zca":
-        return _zca(cov, float(epsilon))
+        return _zca(cov, float(epsilon), bool(serial_on_cpu))
     if method == "pca":
-        return _pca(cov, float(epsilon))
+        return _pca(cov, float(epsilon), bool(serial_on_cpu))
     if method == "cholesky":
-        return _cholesky(cov, float(epsilon))
+        return _cholesky(cov, float(epsilon), bool(serial_on_cpu))
     return _newton(cov, float(epsilon), int(iterations))
 
 
@@ -429,17 +443,19 @@ class Whiten:
         if self.running_average_of == "covariance":
             batch["covariance"] = cov
         else:
-            batch["whitening_matrix"] = self._matrix(cov, reduction)
+            batch["whitening_matrix"] = self._matrix(cov, reduction, view)
         return batch
 
-    def _matrix(self, cov: Array, reduction: Reduction) -> Array:
+    def _matrix(self, cov: Array, reduction: Reduction, view) -> Array:
+        # per-sample matrices (kept axes) run along the batch, which may be sharded: batched;
+        # the batch area's few group matrices: one at a time on CPU
         return whitening_matrix(cov, self.method, epsilon=reduction.epsilon,
-                                iterations=self.iterations)
+                                iterations=self.iterations, serial_on_cpu=not view.kept_axes)
 
     def normalize(self, x, resolved, reduction: Reduction, scale=None, bias=None, mask=None,
                   recovery: str = "affine"):
         view, blocks, xm, mean, cov = self._moments(x, resolved, reduction, mask)
-        phi = self._matrix(cov, reduction)
+        phi = self._matrix(cov, reduction, view)
         batch = {"mean": jnp.reshape(mean, view.kept_shape + view.feature_shape)}
         batch[self.running_average_of] = cov if self.running_average_of == "covariance" else phi
         y = self._transform(x, xm, mean, phi, view, blocks, resolved, reduction, scale, bias,
@@ -454,7 +470,7 @@ class Whiten:
         running = jnp.asarray(stats[self.running_average_of]).astype(xm.dtype)
         phi = running
         if self.running_average_of == "covariance":
-            phi = self._matrix(running, reduction)
+            phi = self._matrix(running, reduction, view)
         return self._transform(x, xm, mean, phi, view, blocks, resolved, reduction, scale, bias,
                                recovery)
 
