@@ -84,6 +84,7 @@ def background_jobs(items):
         yield ("benchmarks-devices",), _run_cli, (dict(os.environ),)
 
 
+@pytest.mark.slow  # a fresh process timing four device counts; the parsing and HLO checks above stay in CI
 def test_devices_cli_smoke():
     run, out = background.result(("benchmarks-devices",), _run_cli, dict(os.environ))
     assert run.returncode == 0, run.stderr[-4000:]
