@@ -41,9 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from normzoo.functional.factorize import serial_on_cpu
-from flax import nnx
 
 Array = jax.Array
 

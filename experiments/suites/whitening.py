@@ -17,9 +17,8 @@ each group row has more elements than there are groups, and the paper's Newton i
 Measured per seed: the training-loss curve (its mean over the epochs is the "training speed"),
 final accuracies and, after training, the condition number of the covariance of each
 normalizer's output on a fixed probe batch of the training batch size, in training mode (the
-eigenvalues in NumPy: a vmapped ``eigvalsh`` in a per-epoch probe was seen to stall XLA's CPU
-runtime). Every verdict is a paired
-difference over seeds (:mod:`experiments.stats`). Whitening layers missing from
+eigenvalues in float64 NumPy, so condition numbers up to the cap are resolved, not float32
+rounding). Every verdict is a paired difference over seeds (:mod:`experiments.stats`). Whitening layers missing from
 ``normzoo.registry`` are skipped with a note.
 
 Budget: quick (3 seeds, 3 learning rates, 12 epochs) about a minute on 2 CPU cores; full
