@@ -78,6 +78,21 @@ def call_norm(layer: nnx.Module, x: jax.Array, train: bool) -> jax.Array:
         return layer(x, use_running_average=not train)
     return layer(x)
 
+def sowing_norms(module: nnx.Module, train: bool) -> Callable[[jax.Array], jax.Array]:
+    """The module's normalizers ``module.norm_names`` in call order: each call applies the next
+    one and sows its output as ``norm_out_{i}`` (the Linen models' intermediates)."""
+    count = 0
+
+    def norm(h: jax.Array) -> jax.Array:
+        nonlocal count
+        out = call_norm(getattr(module, module.norm_names[count]), h, train)
+        module.sow(nnx.Intermediate, f"norm_out_{count}", out)
+        count += 1
+        return out
+
+    return norm
+
+
 
 class _Names:
     """Linen's automatic submodule names (``{ClassName}_{count}``) for the normalizers."""
@@ -228,14 +243,7 @@ class ResNet(_Model):
     def __call__(self, x: jax.Array, *, train: bool, dropout_rate: jax.Array | float = 0.0,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         act = ACTIVATIONS[self.activation]
-        count = 0
-
-        def norm(h: jax.Array) -> jax.Array:
-            nonlocal count
-            out = call_norm(getattr(self, self.norm_names[count]), h, train)
-            self.sow(nnx.Intermediate, f"norm_out_{count}", out)
-            count += 1
-            return out
+        norm = sowing_norms(self, train)
 
         x = act(norm(self.stem(x)))
         prev = self.channels[0]
@@ -294,14 +302,7 @@ class Transformer(_Model):
         x = x.reshape(n, -1)
         tokens, hd = x.shape[1] // self.patch, self.width // self.heads
         x = self.stem(x.reshape(n, tokens, self.patch)) + self.stem_pos[...]
-        count = 0
-
-        def norm(h: jax.Array) -> jax.Array:
-            nonlocal count
-            out = call_norm(getattr(self, self.norm_names[count]), h, train)
-            self.sow(nnx.Intermediate, f"norm_out_{count}", out)
-            count += 1
-            return out
+        norm = sowing_norms(self, train)
 
         for b in range(self.depth):
             qkv = getattr(self, f"block{b}_qkv")(norm(x))
