@@ -9,7 +9,9 @@ with three methods, each returning None to decline (then the plain JAX code runs
   stat_dtype, out_dtype)`` -> ``(y, mean, var)`` in the layout's stat form: the forward
   pass of :func:`normzoo.functional.fused.normalize_affine`, undifferentiated;
 * ``linearize_affine(layout, centered, epsilon, use_fast_variance, stat_dtype, out_dtype,
-  primals, tangents)`` -> ``(primals_out, tangents_out)``: its ``custom_jvp`` rule;
+  primals, tangents, *, frozen)`` -> ``(primals_out, tangents_out)``: its ``custom_jvp``
+  rule; ``frozen`` says that no param is differentiated (their tangents were symbolic
+  zeros, given here as zero arrays);
 * ``normalize_frozen(x, mean_b, var_b, scale_b, bias_b, axes, centered, epsilon,
   out_dtype)`` -> ``y``: :func:`normzoo.functional.fused.normalize_frozen`; whatever it
   returns must be differentiable (a backend wraps its kernel in its own ``custom_jvp``).

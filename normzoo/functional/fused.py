@@ -331,7 +331,7 @@ def _normalize_affine_jvp(
         jnp.zeros(t.shape, t.dtype) if isinstance(t, SymbolicZero) else t for t in tangents)
     active = backend.active()
     if active is not None:
-        taken = active.linearize_affine(layout, *options, primals, tangents)
+        taken = active.linearize_affine(layout, *options, primals, tangents, frozen=frozen)
         if taken is not None:
             return taken
     return _xla_linearization(layout, *options, primals, tangents)

@@ -57,8 +57,10 @@ def test_minimum_sizes_pick_the_xla_path_for_small_arrays():
     layer = normzoo.LayerNorm()
     x = jnp.ones((4, 64))
     v = layer.init(jax.random.key(0), x)
+    # A training step: params and x differentiated (with frozen params LayerNorm's
+    # linearization always stays in XLA, tested in test_cpu_kernels_safety.py).
     grad_text = lambda: jax.jit(jax.grad(  # noqa: E731
-        lambda x: jnp.sum(layer.apply(v, x) ** 2))).lower(x).as_text()
+        lambda v, x: jnp.sum(layer.apply(v, x) ** 2), argnums=(0, 1))).lower(v, x).as_text()
     with cpu_kernels.min_size(x.size + 1, x.size + 1):
         assert "normzoo_" not in jax.jit(lambda x: layer.apply(v, x)).lower(x).as_text()
         assert "normzoo_" not in grad_text()

@@ -8,9 +8,10 @@ every transformation working (docs/performance.md, "Opt-in CPU kernels"):
 * forward passes (:data:`NATIVE_PLAN`) of x of at least ``MIN_SIZE["forward"]`` elements:
   the row kernel (LayerNorm, RMSNorm), the grouped kernel (BatchNorm in training,
   InstanceNorm, GroupNorm) and ``channel_affine`` (BatchNorm at inference);
-* linearizations (training steps, :data:`NATIVE_BACKWARD_PLAN`) of x of at least
-  ``MIN_SIZE["backward"]`` elements: the native forward plus
-  :func:`normzoo.backends.cpu.linear.tangent`, whose transpose is the native backward.
+* linearizations (training steps, :data:`NATIVE_BACKWARD_PLAN`: LayerNorm, InstanceNorm,
+  GroupNorm, bfloat16 BatchNorm) of x of at least ``MIN_SIZE["backward"]`` elements: the
+  native forward plus :func:`normzoo.backends.cpu.linear.tangent`, whose transpose is the
+  native backward.
 
 It steps aside (the pure-JAX code runs) for:
 
@@ -18,6 +19,8 @@ It steps aside (the pure-JAX code runs) for:
   call cannot be partly dropped, while XLA drops the parameters' sums that a frozen-params
   gradient does not use; the kernel's forward is wrapped in a ``custom_jvp`` whose rule is
   the plain formula's, so every derivative order works;
+* LayerNorm's linearization when no param is differentiated (only ``dx`` used), for the
+  same reason, and RMSNorm's linearization: the pure-JAX closed form measured faster;
 * a process with more than one device, outside ``shard_map``: under ``jit`` a custom call
   has no sharding rule, so XLA would gather a sharded batch onto one device and return a
   replicated output. Inside ``shard_map`` every device runs the kernel on its own shard, so
@@ -64,11 +67,13 @@ NATIVE_PLAN = {("row", "float32"), ("row", "bfloat16"),
 #: and :func:`normzoo.backends.cpu.linear.tangent`, whose transpose is the native backward
 #: kernel. Keys: (kernel, x dtype, variant), variant ``centered`` (LN) or ``uncentered``
 #: (RMS) for rows, ``per_sample`` (IN, GN) or ``whole`` (BN: the batch axes reduced too) for
-#: groups. Left out: float32 BN (XLA's backward, column reductions fused with the input's
-#: update, is faster) and given statistics (no custom call under differentiation, above).
+#: groups. Left out, because the pure-JAX closed form measured faster (docs/performance.md):
+#: RMSNorm (XLA fuses its whole uncentered backward), float32 BN (XLA's column reductions
+#: fuse with the input's update); and given statistics (no custom call under
+#: differentiation, above). Rows also step aside when no param is differentiated
+#: (:meth:`CpuKernels.linearize_affine`).
 NATIVE_BACKWARD_PLAN = {
     ("row", "float32", "centered"), ("row", "bfloat16", "centered"),
-    ("row", "float32", "uncentered"), ("row", "bfloat16", "uncentered"),
     ("grouped", "float32", "per_sample"), ("grouped", "bfloat16", "per_sample"),
     ("grouped", "bfloat16", "whole"),
 }
@@ -235,14 +240,22 @@ class CpuKernels:
                                       default=with_xla)
 
     def linearize_affine(self, layout, centered, epsilon, use_fast_variance, stat_dtype,
-                         out_dtype, primals, tangents):
-        """The native linearization where :data:`NATIVE_BACKWARD_PLAN` has it, else None."""
+                         out_dtype, primals, tangents, *, frozen=False):
+        """The native linearization where :data:`NATIVE_BACKWARD_PLAN` has it, else None.
+
+        ``frozen`` (no param differentiated): the row kernels step aside. Their backward
+        computes the params' column sums in the same pass as ``dx`` and a custom call cannot
+        be partly dropped, while XLA drops those sums from the closed form when nothing
+        uses them.
+        """
         x, scale_b, bias_b = primals
         if x.size < MIN_SIZE["backward"]:
             return None
         found = _native_view(x, scale_b, bias_b, layout, centered, epsilon, stat_dtype,
                              out_dtype)
         if not found or not _native_backward_planned(found[0], x.dtype):
+            return None
+        if frozen and found[0].kind == "row":
             return None
         options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
 
