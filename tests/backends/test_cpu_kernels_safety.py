@@ -249,6 +249,10 @@ def test_second_derivatives_at_the_kernels_sizes(name, kernels_on):
     # With frozen params (only dx) the row kernels step aside: XLA drops the params' sums.
     frozen = jax.jit(jax.grad(loss)).lower(x, s, b).as_text()
     assert ("_backward" in frozen) == (name == "group_norm_3d")
+    if name not in NATIVE_BACKWARD:
+        # No native backward: the XLA derivatives, compared with the plain formula's at this
+        # size with the kernels on in tests/functional/test_f_derivatives.py.
+        return
     got = jax.jit(both)(x, t)
     with cpu_kernels.enabled(False):
         expected = jax.jit(both)(x, t)

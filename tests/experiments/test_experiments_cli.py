@@ -78,7 +78,12 @@ def _interrupt(argv, out: Path, started, timeout: float = 240.0):
     """Start ``python -m experiments argv`` in its own process group, wait until ``started(out)``,
     send SIGINT to the group (as a terminal's Ctrl-C does) and return (returncode, stderr)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments", *argv, "--out", str(out), "--no-progress",
+    # A pytest worker may run with SIGINT ignored, and an ignored signal stays ignored across
+    # exec (Python then installs no KeyboardInterrupt handler). A terminal starts the command
+    # with the default disposition: restore it, then run the CLI as `python -m experiments`.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'experiments'; runpy.run_module('experiments', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", start, *argv, "--out", str(out), "--no-progress",
                              "--compile-cache", "none", "--checkpoint-every", "0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -106,8 +111,11 @@ def _check_interrupted(rc: int, err: str) -> None:
 
 
 def test_ctrl_c_stops_cleanly(tmp_path):
-    # a checkpoint (written after every epoch with --checkpoint-every 0) proves training has started
-    rc, err = _interrupt(["init-scale", "--quick"], tmp_path / "o", lambda o: any(o.glob("checkpoints/*.msgpack")))
+    # A checkpoint (written after every epoch with --checkpoint-every 0) proves training has
+    # started; with many epochs the interrupt lands during training, not after the last epoch
+    # (a job removes its checkpoint when it ends).
+    rc, err = _interrupt(["init-scale", "--quick", "--epochs", "10000"], tmp_path / "o",
+                         lambda o: any(o.glob("checkpoints/*.msgpack")))
     _check_interrupted(rc, err)
     assert str(tmp_path / "o") in err
 
