@@ -243,10 +243,10 @@ class CpuKernels:
                          out_dtype, primals, tangents, *, frozen=False):
         """The native linearization where :data:`NATIVE_BACKWARD_PLAN` has it, else None.
 
-        ``frozen`` (no param differentiated): the row kernels step aside. Their backward
-        computes the params' column sums in the same pass as ``dx`` and a custom call cannot
-        be partly dropped, while XLA drops those sums from the closed form when nothing
-        uses them.
+        ``frozen`` (params given but not differentiated): the row kernels step aside. Their
+        backward computes the params' column sums in the same pass as ``dx`` and a custom
+        call cannot be partly dropped, while XLA drops those sums from the closed form when
+        nothing uses them.
         """
         x, scale_b, bias_b = primals
         if x.size < MIN_SIZE["backward"]:
@@ -255,7 +255,7 @@ class CpuKernels:
                              out_dtype)
         if not found or not _native_backward_planned(found[0], x.dtype):
             return None
-        if frozen and found[0].kind == "row":
+        if frozen and found[0].kind == "row" and (scale_b is not None or bias_b is not None):
             return None
         options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
 
