@@ -1,9 +1,19 @@
 """Shared test setup.
 
-Eight simulated CPU devices for the ``shard_map`` / ``pmap`` tests: the flag must be in
-``XLA_FLAGS`` before jax is first imported, so it is set here, at conftest import time,
-appended to whatever the user already has. Nothing else is enabled globally: a float64
-test asks for the ``x64`` fixture, which enables 64-bit types for that test only.
+Two XLA flags must be in ``XLA_FLAGS`` before jax is first imported, so they are set here,
+at conftest import time, appended to whatever the user already has (a flag the user set
+is kept as given); fresh processes started by tests inherit them:
+
+- eight simulated CPU devices, for the ``shard_map`` / ``pmap`` tests;
+- XLA:CPU's LLVM back end at optimization level 0. The tests check numbers and programs,
+  never speed, on tiny shapes where compiling costs more than running; the level changes
+  how LLVM turns XLA's optimized HLO into machine code (the HLO passes, and so the
+  arithmetic the tests check, are the same), and it takes about a quarter off the suite's
+  time. ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest`` runs the tests on the
+  code users run.
+
+Nothing else is enabled globally: a float64 test asks for the ``x64`` fixture, which
+enables 64-bit types for that test only.
 
 When collection ends, the checks that run in fresh processes start beside the in-process
 tests (tests/background.py; a module opts in with ``background_jobs(items)``).
@@ -11,12 +21,15 @@ tests (tests/background.py; a module opts in with ``background_jobs(items)``).
 
 import os
 
-_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+_TEST_XLA_FLAGS = {
+    "xla_force_host_platform_device_count": "8",
+    "xla_backend_optimization_level": "0",
+}
 _flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " " + _DEVICE_FLAG).strip()
-else:  # keep the user's own setting (setdefault semantics)
-    os.environ.setdefault("XLA_FLAGS", _DEVICE_FLAG)
+for _name, _value in _TEST_XLA_FLAGS.items():
+    if _name not in _flags:  # keep the user's own setting
+        _flags = f"{_flags} --{_name}={_value}".strip()
+os.environ["XLA_FLAGS"] = _flags
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
