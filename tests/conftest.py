@@ -6,10 +6,11 @@ is kept as given); fresh processes started by tests inherit them:
 
 - eight simulated CPU devices, for the ``shard_map`` / ``pmap`` tests;
 - XLA:CPU's LLVM back end at optimization level 0. The tests check numbers and programs,
-  never speed, on tiny shapes where compiling costs more than running; the level changes
-  how LLVM turns XLA's optimized HLO into machine code (the HLO passes, and so the
-  arithmetic the tests check, are the same), and it takes about a quarter off the suite's
-  time. ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest`` runs the tests on the
+  never speed, on tiny shapes where compiling costs more than running. The level changes
+  only how LLVM turns XLA's optimized HLO into machine code: the HLO passes, which decide
+  the program the tests check, are the same, and results can differ from the optimized
+  build at most in rounding (multiply-adds LLVM may fuse). It takes about a quarter off
+  the suite's time. ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest`` runs the tests on the
   code users run.
 
 Nothing else is enabled globally: a float64 test asks for the ``x64`` fixture, which
