@@ -10,8 +10,8 @@ is kept as given); fresh processes started by tests inherit them:
   only how LLVM turns XLA's optimized HLO into machine code: the HLO passes, which decide
   the program the tests check, are the same, and results can differ from the optimized
   build at most in rounding (multiply-adds LLVM may fuse). It takes about a quarter off
-  the suite's time. ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest`` runs the tests on the
-  code users run.
+  the suite's time. ``XLA_FLAGS=--xla_backend_optimization_level=3 pytest`` runs the
+  tests on the code users run.
 
 Nothing else is enabled globally: a float64 test asks for the ``x64`` fixture, which
 enables 64-bit types for that test only.
