@@ -2,7 +2,8 @@
 
 Two XLA flags must be in ``XLA_FLAGS`` before jax is first imported, so they are set here,
 at conftest import time, appended to whatever the user already has (a flag the user set
-is kept as given); fresh processes started by tests inherit them:
+is kept as given); fresh processes started by tests inherit them, unless a test gives
+its own ``XLA_FLAGS``:
 
 - eight simulated CPU devices, for the ``shard_map`` / ``pmap`` tests;
 - XLA:CPU's LLVM back end at optimization level 0. The tests check numbers and programs,
