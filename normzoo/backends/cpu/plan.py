@@ -243,10 +243,11 @@ class CpuKernels:
                          out_dtype, primals, tangents, *, frozen=False):
         """The native linearization where :data:`NATIVE_BACKWARD_PLAN` has it, else None.
 
-        ``frozen`` (params given but not differentiated): the row kernels step aside. Their
-        backward computes the params' column sums in the same pass as ``dx`` and a custom
-        call cannot be partly dropped, while XLA drops those sums from the closed form when
-        nothing uses them.
+        ``frozen`` (no param differentiated, or none given): the row kernels step aside.
+        Their backward computes the params' column sums in the same pass as ``dx`` and a
+        custom call cannot be partly dropped, while XLA drops those sums from the closed
+        form when nothing uses them. Without params no measurement favours the kernels, so
+        one rule covers both.
         """
         x, scale_b, bias_b = primals
         if x.size < MIN_SIZE["backward"]:
@@ -255,7 +256,7 @@ class CpuKernels:
                              out_dtype)
         if not found or not _native_backward_planned(found[0], x.dtype):
             return None
-        if frozen and found[0].kind == "row" and (scale_b is not None or bias_b is not None):
+        if frozen and found[0].kind == "row":
             return None
         options = (centered, epsilon, use_fast_variance, stat_dtype, out_dtype)
 
